@@ -1,0 +1,37 @@
+// Plain-old-data parameters of the attention kernels. No JAX, XLA or Python here:
+// the bindings fill this struct from XLA buffers, the kernels read it.
+#pragma once
+
+#include <cstdint>
+
+namespace jax_flash {
+
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+// Forward pass over tensors laid out [batch, seqlen, heads, head_dim] (strides in elements,
+// the last dimension contiguous) and lse laid out [batch, heads, seqlen_q] contiguous.
+struct FlashFwdParams {
+  const void* q;    // [batch, seqlen_q, num_heads, head_dim]
+  const void* k;    // [batch, seqlen_k, num_heads_k, head_dim]
+  const void* v;    // [batch, seqlen_k, num_heads_k, head_dim]
+  void* out;        // [batch, seqlen_q, num_heads, head_dim]
+  float* lse;       // [batch, num_heads, seqlen_q]
+
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t out_batch_stride, out_row_stride, out_head_stride;
+
+  int batch;
+  int seqlen_q;
+  int seqlen_k;
+  int num_heads;
+  int num_heads_k;  // divides num_heads; query head h reads kv head h / (num_heads / num_heads_k)
+  int head_dim;     // one of kSupportedHeadDims; callers pad other sizes
+
+  float softmax_scale;
+  bool is_causal;   // key j is visible to query i iff j <= i + seqlen_k - seqlen_q
+  DType dtype;
+};
+
+}  // namespace jax_flash

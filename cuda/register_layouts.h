@@ -1,0 +1,46 @@
+// Views of MMA accumulator fragments: as rows × columns for the softmax, and as the A operand
+// of the next MMA (so P never leaves registers); plus float → 16-bit conversion of a fragment.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_conversion.h>
+
+namespace jax_flash {
+
+using namespace cute;
+
+// m16n8 accumulator ((2 cols, 2 row halves), MMA_M, MMA_N) → ((2, MMA_M) rows, (2, MMA_N) cols).
+template <typename Layout>
+__forceinline__ __device__ auto acc_rowcol_layout(Layout acc) {
+  static_assert(decltype(rank<0>(acc))::value == 2, "expects an m16n8 accumulator fragment");
+  return make_layout(make_layout(get<0, 1>(acc), get<1>(acc)), make_layout(get<0, 0>(acc), get<2>(acc)));
+}
+
+template <typename Engine, typename Layout>
+__forceinline__ __device__ auto acc_rowcol(Tensor<Engine, Layout>& acc) {
+  return make_tensor(acc.data(), acc_rowcol_layout(acc.layout()));
+}
+
+// Two neighbouring n8 accumulator tiles hold exactly the values one k16 A fragment needs:
+// ((2, 2), MMA_M, MMA_N) → ((2, 2, 2), MMA_M, MMA_N / 2).
+template <typename Layout>
+__forceinline__ __device__ auto acc_to_a_operand_layout(Layout acc) {
+  static_assert(decltype(size<2>(acc))::value % 2 == 0, "needs an even number of n8 tiles");
+  auto split = logical_divide(acc, Shape<Underscore, Underscore, _2>{});  // ((2,2), MMA_M, (2, MMA_N/2))
+  return make_layout(make_layout(get<0, 0>(split), get<0, 1>(split), get<2, 0>(split)),
+                     get<1>(split), get<2, 1>(split));
+}
+
+// Converts a register fragment of floats to `To`, keeping its layout.
+template <typename To, typename Engine, typename Layout>
+__forceinline__ __device__ auto convert_fragment(Tensor<Engine, Layout> const& src) {
+  using From = typename Engine::value_type;
+  constexpr int kNumel = decltype(size(src))::value;
+  Tensor dst = make_tensor<To>(src.layout());
+  cutlass::NumericArrayConverter<To, From, kNumel> convert;
+  *reinterpret_cast<cutlass::Array<To, kNumel>*>(dst.data()) =
+      convert(*reinterpret_cast<const cutlass::Array<From, kNumel>*>(src.data()));
+  return dst;
+}
+
+}  // namespace jax_flash
