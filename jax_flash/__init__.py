@@ -1,0 +1,14 @@
+"""FlashAttention for JAX: CUDA kernels as XLA FFI custom calls, with a pure-JAX path everywhere else.
+
+    import jax_flash
+    out = jax_flash.flash_attention(q, k, v, causal=True)  # [batch, seqlen, heads, head_dim]
+    print(jax_flash.kernel_info())  # what this install can run
+"""
+
+from jax_flash._attention import flash_attention
+from jax_flash._extension import kernel_info
+from jax_flash._reference import attention_reference
+
+__version__ = "0.1.0"
+
+__all__ = ["attention_reference", "flash_attention", "kernel_info"]

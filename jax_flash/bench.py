@@ -1,0 +1,357 @@
+"""Forward-pass benchmark: jax-flash against cuDNN and plain XLA attention, timed in the same run.
+
+    python -m jax_flash.bench [--out bench_results.json] [--head-dims 64,128,256]
+        [--seqlens ...] [--impls flash,cudnn,xla] [--causal both|true|false] [--dtype bf16] [--quick]
+
+On a GPU it times the FlashAttention paper grid: batch × seqlen = 16384 tokens, hidden 2048, so
+heads = 2048 / head_dim. On a CPU it times a small grid through jax-flash's XLA path (cuDNN rows are
+skipped with a note), so the same command runs anywhere in well under a minute.
+
+Forward TFLOP/s = 4·batch·heads·seqlen²·head_dim / time, halved for causal as FlashAttention
+reports.
+"vs cuDNN" is cuDNN's time over this row's (above 1: faster than cuDNN), measured in the same run.
+Each row also carries its error against the float32 oracle on a slice (first batch element, first
+two heads), where "rel_err" is ‖out − ref‖₂ / ‖ref‖₂.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import importlib.metadata
+import json
+import math
+import shlex
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_flash
+from jax_flash._reference import attention_reference
+
+PAPER_TOKENS = 16384
+PAPER_HIDDEN = 2048
+PAPER_HEAD_DIMS = (64, 128, 256)
+PAPER_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
+QUICK_SEQLENS = (1024, 4096, 16384)
+
+CPU_BATCH = 2
+CPU_HEADS = 4
+CPU_HEAD_DIMS = (64,)
+CPU_SEQLENS = (256, 512)
+
+# flash: our kernel on a GPU (implementation="cuda"), our XLA path elsewhere.
+# flash_xla: jax-flash's pure-JAX blockwise path, wherever it runs.
+# cudnn, xla: jax.nn.dot_product_attention with that implementation.
+IMPLS = ("flash", "flash_xla", "cudnn", "xla")
+DEFAULT_IMPLS = ("flash", "cudnn", "xla")
+DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16}
+CAUSAL_MODES = {"both": (False, True), "false": (False,), "true": (True,)}
+
+# Plain XLA materializes batch·heads·seqlen² scores (tens of GB at 16k); past this it is skipped.
+DEFAULT_XLA_MAX_SEQLEN = 8192
+# Input sets the timed loop rotates through, so no call reads data the previous one left in L2.
+INPUT_SETS = 3
+# The oracle's slice: batch elements and heads compared, and query rows per oracle call.
+ERROR_BATCH = 1
+ERROR_HEADS = 2
+REFERENCE_CHUNK = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One benchmark configuration; q, k and v are all [batch, seqlen, num_heads, head_dim]."""
+
+    batch: int
+    seqlen: int
+    num_heads: int
+    head_dim: int
+    causal: bool
+    dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingSettings:
+    warmup_calls: int
+    repeats: int
+    # Calls per repeat are chosen so that one repeat lasts at least this long.
+    min_repeat_seconds: float
+    max_calls_per_repeat: int = 1000
+
+
+FULL_TIMING = TimingSettings(warmup_calls=5, repeats=5, min_repeat_seconds=0.1)
+QUICK_TIMING = TimingSettings(warmup_calls=3, repeats=3, min_repeat_seconds=0.05)
+
+
+# --- The grid ---------------------------------------------------------------------------------
+
+def paper_grid(head_dims, seqlens, causal_modes, dtype) -> list[Shape]:
+    """FlashAttention's setup: 16384 tokens per batch, hidden 2048."""
+    return [Shape(batch=max(1, PAPER_TOKENS // seqlen), seqlen=seqlen,
+                  num_heads=max(1, PAPER_HIDDEN // head_dim), head_dim=head_dim,
+                  causal=causal, dtype=dtype)
+            for head_dim in head_dims for seqlen in seqlens for causal in causal_modes]
+
+
+def cpu_grid(head_dims, seqlens, causal_modes, dtype) -> list[Shape]:
+    """A grid small enough for a CPU to finish in seconds."""
+    return [Shape(batch=CPU_BATCH, seqlen=seqlen, num_heads=CPU_HEADS, head_dim=head_dim,
+                  causal=causal, dtype=dtype)
+            for head_dim in head_dims for seqlen in seqlens for causal in causal_modes]
+
+
+def build_grid(args, backend: str) -> list[Shape]:
+    causal_modes = CAUSAL_MODES[args.causal]
+    if backend == "gpu":
+        head_dims = args.head_dims or PAPER_HEAD_DIMS
+        seqlens = args.seqlens or (QUICK_SEQLENS if args.quick else PAPER_SEQLENS)
+        return paper_grid(head_dims, seqlens, causal_modes, args.dtype)
+    return cpu_grid(args.head_dims or CPU_HEAD_DIMS, args.seqlens or CPU_SEQLENS,
+                    causal_modes, args.dtype)
+
+
+def forward_flops(shape: Shape) -> float:
+    """Two matmuls of 2·seqlen²·head_dim per (batch, head); causal counts exactly half."""
+    flops = 4.0 * shape.batch * shape.num_heads * shape.seqlen ** 2 * shape.head_dim
+    return flops / 2 if shape.causal else flops
+
+
+# --- The implementations ----------------------------------------------------------------------
+
+def attention_fn(impl: str, causal: bool, softmax_scale: float, backend: str):
+    """(q, k, v) -> out for `impl`, and the path it takes ("cuda", "cudnn" or "xla")."""
+    if impl in ("flash", "flash_xla"):
+        path = "cuda" if impl == "flash" and backend == "gpu" else "xla"
+        fn = functools.partial(jax_flash.flash_attention, causal=causal,
+                               softmax_scale=softmax_scale, implementation=path)
+        return fn, path
+    fn = functools.partial(jax.nn.dot_product_attention, is_causal=causal, scale=softmax_scale,
+                           implementation=impl)
+    return fn, impl
+
+
+def skip_reason(impl: str, shape: Shape, backend: str, xla_max_seqlen: int) -> str | None:
+    if impl == "cudnn" and backend != "gpu":
+        return "cuDNN needs an NVIDIA GPU"
+    if impl == "xla" and shape.seqlen > xla_max_seqlen:
+        return f"seqlen > --xla-max-seqlen {xla_max_seqlen}"
+    return None
+
+
+# --- Inputs, timing and errors ----------------------------------------------------------------
+
+def random_inputs(shape: Shape, key) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Standard-normal q, k, v: never zeros, which hide wrong results and can run faster."""
+    dims = (shape.batch, shape.seqlen, shape.num_heads, shape.head_dim)
+    return tuple(jax.random.normal(part, dims, DTYPES[shape.dtype])
+                 for part in jax.random.split(key, 3))
+
+
+def time_per_call(fn, input_sets, settings: TimingSettings) -> tuple[float, int]:
+    """Median seconds per call of the jitted `fn`, and the calls timed per repeat.
+
+    Each repeat dispatches its calls back to back and blocks once at the end, so the device runs
+    them without host gaps and the time is the device's own (dispatch is asynchronous).
+    """
+    for i in range(settings.warmup_calls):
+        jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*input_sets[0]))
+    estimate = time.perf_counter() - start
+    calls = max(len(input_sets), math.ceil(settings.min_repeat_seconds / max(estimate, 1e-6)))
+    calls = min(calls, settings.max_calls_per_repeat)
+
+    per_call = []
+    for _ in range(settings.repeats):
+        start = time.perf_counter()
+        for i in range(calls):
+            out = fn(*input_sets[i % len(input_sets)])
+        jax.block_until_ready(out)
+        per_call.append((time.perf_counter() - start) / calls)
+    return statistics.median(per_call), calls
+
+
+def error_slice(x: jax.Array) -> jax.Array:
+    return x[:ERROR_BATCH, :, :ERROR_HEADS]
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "softmax_scale"))
+def _reference_output(q, k, v, *, causal, softmax_scale):
+    out, _ = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    return out
+
+
+def reference_output(q, k, v, *, causal: bool, softmax_scale: float) -> np.ndarray:
+    """The float32 oracle's output, computed on the host CPU (apart from the device under test, and
+    with no autotuning per shape), REFERENCE_CHUNK query rows at a time to bound its memory.
+
+    The bench's shapes are square (seqlen_q == seqlen_k). For causal, the queries [start, stop) see
+    no key at or past `stop`; handing the oracle only keys [0, stop) keeps its bottom-right
+    alignment equal to the full problem's.
+    """
+    q, k, v = jax.device_put((q, k, v), jax.devices("cpu")[0])
+    seqlen = q.shape[1]
+    chunks = []
+    for start in range(0, seqlen, REFERENCE_CHUNK):
+        stop = min(start + REFERENCE_CHUNK, seqlen)
+        keys = stop if causal else seqlen
+        chunks.append(_reference_output(q[:, start:stop], k[:, :keys], v[:, :keys],
+                                        causal=causal, softmax_scale=softmax_scale))
+    return np.concatenate(chunks, axis=1)
+
+
+def output_errors(out: jax.Array, ref: np.ndarray) -> tuple[float, float]:
+    """(max |out − ref|, ‖out − ref‖₂ / ‖ref‖₂)."""
+    diff = np.asarray(out, np.float32) - ref
+    return float(np.abs(diff).max()), float(np.linalg.norm(diff) / np.linalg.norm(ref))
+
+
+# --- One configuration ------------------------------------------------------------------------
+
+def bench_shape(shape: Shape, impls, settings: TimingSettings, backend: str,
+                xla_max_seqlen: int, key) -> list[dict]:
+    """One row per impl: its time and error, or why it was skipped or failed."""
+    input_sets = [random_inputs(shape, part) for part in jax.random.split(key, INPUT_SETS)]
+    softmax_scale = 1.0 / math.sqrt(shape.head_dim)
+    reference = reference_output(*map(error_slice, input_sets[0]), causal=shape.causal,
+                                 softmax_scale=softmax_scale)
+    rows = []
+    for impl in impls:
+        row = {"impl": impl, "pass": "fwd", **dataclasses.asdict(shape)}
+        reason = skip_reason(impl, shape, backend, xla_max_seqlen)
+        if reason:
+            rows.append({**row, "status": f"skipped: {reason}"})
+            continue
+        fn, row["path"] = attention_fn(impl, shape.causal, softmax_scale, backend)
+        start = time.perf_counter()
+        try:
+            jitted = jax.jit(fn)
+            seconds, calls = time_per_call(jitted, input_sets, settings)
+            max_abs_err, rel_err = output_errors(error_slice(jitted(*input_sets[0])), reference)
+        except Exception as e:  # noqa: BLE001 - a failing impl (OOM, unsupported) is a result
+            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            rows.append({**row, "status": f"error: {type(e).__name__}: {message}"[:300]})
+            continue
+        rows.append({**row, "status": "ok", "ms": seconds * 1e3,
+                     "tflops": forward_flops(shape) / seconds / 1e12,
+                     "calls_per_repeat": calls, "repeats": settings.repeats,
+                     "max_abs_err": max_abs_err, "rel_err": rel_err,
+                     # compiling, warming up, timing and the error check together
+                     "wall_seconds": time.perf_counter() - start})
+    return rows
+
+
+# --- Reporting --------------------------------------------------------------------------------
+
+TABLE_HEADER = (f"{'impl':<10} {'path':<6} {'d':>4} {'seqlen':>6} {'b×h':>7} {'causal':<6} "
+                f"{'ms':>9} {'TFLOP/s':>8} {'vs cuDNN':>8} {'max|err|':>9} {'rel err':>8}  note")
+
+
+def format_row(row: dict, cudnn_ms: float | None) -> str:
+    shape = (f"{row['impl']:<10} {row.get('path', '-'):<6} {row['head_dim']:>4} "
+             f"{row['seqlen']:>6} {row['batch']:>3}×{row['num_heads']:<3} "
+             f"{'yes' if row['causal'] else 'no':<6}")
+    if row["status"] != "ok":
+        return f"{shape} {'':>9} {'':>8} {'':>8} {'':>9} {'':>8}  {row['status']}"
+    ratio = (f"{cudnn_ms / row['ms']:.2f}x"
+             if cudnn_ms is not None and row["impl"] != "cudnn" else "")
+    return (f"{shape} {row['ms']:>9.3f} {row['tflops']:>8.4g} {ratio:>8} "
+            f"{row['max_abs_err']:>9.2e} {row['rel_err']:>8.1e}")
+
+
+def format_shape_rows(rows: list[dict]) -> list[str]:
+    """Table lines of one configuration's rows; speed is also given relative to cuDNN's."""
+    cudnn_ms = next((r["ms"] for r in rows if r["impl"] == "cudnn" and r["status"] == "ok"), None)
+    return [format_row(row, cudnn_ms) for row in rows]
+
+
+def run_metadata(argv, backend: str, dtype: str, settings: TimingSettings) -> dict:
+    device = jax.devices()[0]
+    return {
+        "device": device.device_kind,
+        "platform": backend,
+        "jax_version": jax.__version__,
+        "jaxlib_version": importlib.metadata.version("jaxlib"),
+        "jax_flash_kernels": jax_flash.kernel_info(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "-m", "jax_flash.bench", *argv]),
+        "dtype": dtype,
+        "timing": dataclasses.asdict(settings),
+        "flops": "fwd: 4*batch*heads*seqlen^2*head_dim, halved for causal",
+        "error": f"vs float32 oracle on batch[:{ERROR_BATCH}], heads[:{ERROR_HEADS}]",
+        "rows": [],
+    }
+
+
+def write_json(path: str, report: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+        f.write("\n")
+
+
+# --- Command line -----------------------------------------------------------------------------
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(item) for item in text.split(",") if item)
+
+
+def _impl_list(text: str) -> tuple[str, ...]:
+    impls = tuple(item for item in text.split(",") if item)
+    unknown = [impl for impl in impls if impl not in IMPLS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown impl {unknown}; choose from {IMPLS}")
+    return impls
+
+
+def parse_args(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m jax_flash.bench", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_results.json", help="JSON file of every row")
+    parser.add_argument("--head-dims", type=_int_list,
+                        help=f"comma list (GPU default {PAPER_HEAD_DIMS}, CPU {CPU_HEAD_DIMS})")
+    parser.add_argument("--seqlens", type=_int_list,
+                        help=f"comma list (GPU default {PAPER_SEQLENS}, --quick {QUICK_SEQLENS}, "
+                             f"CPU {CPU_SEQLENS})")
+    parser.add_argument("--impls", type=_impl_list, default=DEFAULT_IMPLS,
+                        help=f"comma list of {IMPLS} (default {','.join(DEFAULT_IMPLS)})")
+    parser.add_argument("--causal", choices=tuple(CAUSAL_MODES), default="both")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer seqlens and shorter timing, for a first look")
+    parser.add_argument("--xla-max-seqlen", type=int, default=DEFAULT_XLA_MAX_SEQLEN,
+                        help="skip plain XLA above this seqlen (it materializes the scores)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    backend = jax.default_backend()
+    settings = QUICK_TIMING if args.quick else FULL_TIMING
+    shapes = build_grid(args, backend)
+    report = run_metadata(argv, backend, args.dtype, settings)
+
+    print(f"# {report['device']} ({backend}), jax {report['jax_version']}, {args.dtype}, "
+          f"{len(shapes)} configurations; forward TFLOP/s = 4·b·h·s²·d / time (causal: half); "
+          f"errors vs the float32 oracle", flush=True)
+    print(TABLE_HEADER, flush=True)
+    keys = jax.random.split(jax.random.key(args.seed), len(shapes))
+    for shape, key in zip(shapes, keys):
+        rows = bench_shape(shape, args.impls, settings, backend, args.xla_max_seqlen, key)
+        report["rows"].extend(rows)
+        # Written after every configuration, so a run cut short keeps what it measured.
+        write_json(args.out, report)
+        print("\n".join(format_shape_rows(rows)), flush=True)
+    print(f"# wrote {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

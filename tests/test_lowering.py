@@ -1,0 +1,143 @@
+"""The CUDA lowering, read as StableHLO text after lowering for 'cuda' (no GPU needed)."""
+
+import functools
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jax_flash
+from jax_flash import _extension, _fwd_primitive
+
+needs_kernels = pytest.mark.skipif(
+    not _extension.kernels_built(),
+    reason=f"jax-flash has no CUDA kernels here: {_extension.why_no_kernels()}")
+
+
+def _lower_for_cuda(q_shape, kv_shape, dtype=jnp.bfloat16, **options) -> str:
+    q = jax.ShapeDtypeStruct(q_shape, dtype)
+    kv = jax.ShapeDtypeStruct(kv_shape, dtype)
+    attention = jax.jit(functools.partial(jax_flash.flash_attention, return_lse=True, **options))
+    return attention.trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _kernel_calls(hlo: str) -> list[str]:
+    return [line for line in hlo.splitlines() if "custom_call @jax_flash_fwd(" in line]
+
+
+def _float_attribute(call: str, name: str) -> float:
+    return float(re.search(rf"{name} = ([-+.\w]+) : f32", call).group(1))
+
+
+def _operand_types(call: str) -> list[str]:
+    """The operand tensor types of a custom_call line: `(tensor<...>, ...) -> (...)`."""
+    operands = call.rsplit(" : (", 1)[1].split(") -> ", 1)[0]
+    return operands.split(", ")
+
+
+# ---- with the installed extension ------------------------------------------------------------
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_call_carries_attributes(dtype, causal):
+    head_dim = max(_extension.kernel_head_dims())
+    hlo = _lower_for_cuda((2, 17, 4, head_dim), (2, 23, 4, head_dim), dtype, causal=causal,
+                          softmax_scale=0.25)
+    (call,) = _kernel_calls(hlo)
+    assert _float_attribute(call, "softmax_scale") == 0.25
+    assert f"causal = {str(causal).lower()}" in call
+    dtype_name = jnp.dtype(dtype).name.replace("float", "f")  # bf16, f16
+    assert _operand_types(call) == [
+        f"tensor<2x17x4x{head_dim}x{dtype_name}>",
+        f"tensor<2x23x4x{head_dim}x{dtype_name}>",
+        f"tensor<2x23x4x{head_dim}x{dtype_name}>",
+    ]
+
+
+@needs_kernels
+def test_head_dim_40_is_padded_for_the_kernel():
+    padded = min(d for d in _extension.kernel_head_dims() if d >= 40)
+    hlo = _lower_for_cuda((2, 17, 4, 40), (2, 17, 4, 40))
+    (call,) = _kernel_calls(hlo)
+    assert _operand_types(call) == [f"tensor<2x17x4x{padded}xbf16>"] * 3
+    # The scale comes from the original head_dim, not the padded one.
+    assert _float_attribute(call, "softmax_scale") == pytest.approx(40 ** -0.5, rel=1e-6)
+
+
+@needs_kernels
+def test_xla_implementation_never_calls_the_kernel():
+    assert not _kernel_calls(_lower_for_cuda((2, 17, 4, 64), (2, 17, 4, 64),
+                                             implementation="xla"))
+
+
+@needs_kernels
+def test_float32_takes_the_xla_path_by_default():
+    assert not _kernel_calls(_lower_for_cuda((2, 17, 4, 64), (2, 17, 4, 64), jnp.float32))
+
+
+# ---- dispatch and padding, with the build's answers stood in for -------------------------------
+# These run everywhere: a lowering needs the FFI target's name, not its code.
+
+@pytest.fixture
+def pretend_build(monkeypatch):
+    """Makes jax-flash believe it was built as given; warnings start unsaid."""
+
+    def pretend(kernels=True, head_dims=(32, 64, 96, 128, 160, 192, 224, 256), capability=None):
+        reason = "" if kernels else "the kernels were left out of this pretend build"
+        build = _extension.BuildInfo(kernels, reason, ("80", "90a") if kernels else (),
+                                     head_dims if kernels else ())
+        monkeypatch.setattr(_extension, "BUILD", build)
+        monkeypatch.setattr(_extension, "_warned_reasons", set())
+        monkeypatch.setattr(_fwd_primitive, "_min_compute_capability", lambda: capability)
+
+    return pretend
+
+
+@pytest.mark.parametrize("head_dim,padded", [(40, 64), (64, 64), (100, 128), (17, 64)])
+def test_pads_to_the_smallest_compiled_head_dim(pretend_build, head_dim, padded):
+    pretend_build(head_dims=(64, 128))
+    hlo = _lower_for_cuda((1, 9, 2, head_dim), (1, 11, 2, head_dim), causal=True)
+    (call,) = _kernel_calls(hlo)
+    assert _operand_types(call) == [f"tensor<1x9x2x{padded}xbf16>"] + [
+        f"tensor<1x11x2x{padded}xbf16>"] * 2
+    assert "causal = true" in call
+    assert _float_attribute(call, "softmax_scale") == pytest.approx(head_dim ** -0.5, rel=1e-6)
+    # out is sliced back and lse passes through: the function returns the caller's head_dim.
+    assert re.search(rf"-> \(tensor<1x9x2x{head_dim}xbf16>.*, tensor<1x2x9xf32>", hlo)
+
+
+@pytest.mark.parametrize("setup,reason", [
+    (dict(kernels=False), "left out of this pretend build"),
+    (dict(capability=(7, 5)), "compute capability 7.5"),
+    (dict(head_dims=(64,)), "head_dim 100 is larger than every head dim"),
+])
+def test_auto_falls_back_and_warns_once(pretend_build, setup, reason):
+    pretend_build(**setup)
+    with pytest.warns(RuntimeWarning, match=reason):
+        hlo = _lower_for_cuda((1, 9, 2, 100), (1, 9, 2, 100))
+    assert not _kernel_calls(hlo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _lower_for_cuda((1, 5, 2, 100), (1, 5, 2, 100))
+
+
+@pytest.mark.parametrize("setup,reason", [
+    (dict(kernels=False), "left out of this pretend build"),
+    (dict(capability=(7, 5)), "compute capability 7.5"),
+    (dict(head_dims=(64,)), "head_dim 100 is larger than every head dim"),
+])
+def test_cuda_implementation_refuses_what_the_kernel_cannot_run(pretend_build, setup, reason):
+    pretend_build(**setup)
+    with pytest.raises(RuntimeError, match=f"implementation='cuda' cannot run: .*{reason}"):
+        _lower_for_cuda((1, 9, 2, 100), (1, 9, 2, 100), implementation="cuda")
+
+
+def test_cpu_lowering_never_calls_the_kernel(pretend_build):
+    pretend_build()
+    q = jax.ShapeDtypeStruct((1, 9, 2, 64), jnp.bfloat16)
+    hlo = jax.jit(jax_flash.flash_attention).trace(q, q, q).lower(
+        lowering_platforms=("cpu",)).as_text()
+    assert not _kernel_calls(hlo)
