@@ -126,8 +126,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   copy_rows_zero_fill(gmem_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, keys_in_block(n_block));
   cp_async_fence();
 
-  // ---- Main loop over key tiles, last to first (masked tiles come first) ----
-  for (; n_block >= 0; --n_block) {
+  // ---- Main loop over key tiles, last to first: the tiles that need masking come first ----
+  auto process_key_tile = [&](int n_block, auto needs_mask) {
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
     clear(acc_s);
     cp_async_wait<0>();
@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
 
     gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, thread_idx);
     Tensor scores = acc_rowcol(acc_s);  // (rows, kBlockN cols)
-    if (mask.needs_masking(m_block, n_block)) mask.apply(scores, score_coords, m_block, n_block);
+    if constexpr (decltype(needs_mask)::value) mask.apply(scores, score_coords, m_block, n_block);
 
     cp_async_wait<0>();
     __syncthreads();  // V[n_block] landed; every warp is done with K[n_block]
@@ -150,7 +150,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
     Tensor p = convert_fragment<Element>(acc_s);
     Tensor tOrP = make_tensor(p.data(), acc_to_a_operand_layout(p.layout()));  // (MMA, MMA_M, MMA_K)
     gemm_reg_smem(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_copy_v, thread_idx);
-  }
+  };
+  for (; n_block >= 0 && mask.needs_masking(m_block, n_block); --n_block) process_key_tile(n_block, true_type{});
+  for (; n_block >= 0; --n_block) process_key_tile(n_block, false_type{});
 
   // ---- Epilogue: normalize, stage O through shared memory (Q's, now unused), store ----
   Tensor lse = softmax.finalize(acc_o_rc, params.softmax_scale);
