@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
     Tensor tOgO = gmem_thr_copy_o.partition_D(gO);  // (CPY, CPY_M, CPY_K)
     Tensor tOrO = make_tensor<Element>(shape(tOgO));
     clear(tOrO);
-    copy_rows_predicated(gmem_copy_o, tOrO, tOgO, gmem_thr_copy_o.partition_D(cQ), rows_in_tile);
+    copy_rows</*kZeroFill=*/false>(gmem_copy_o, tOrO, tOgO, gmem_thr_copy_o.partition_D(cQ), rows_in_tile);
     for (int row = thread_idx; row < rows_in_tile; row += Traits::kNThreads) {
       lse_row[m_block * kBlockM + row] = -INFINITY;
     }
@@ -122,8 +122,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
 
   // ---- Prologue: Q and the last visible K tile in flight ----
   int n_block = n_block_end - 1;
-  copy_rows_zero_fill(gmem_copy, tQgQ, tQsQ, tQcQ, rows_in_tile);
-  copy_rows_zero_fill(gmem_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, keys_in_block(n_block));
+  copy_rows</*kZeroFill=*/true>(gmem_copy, tQgQ, tQsQ, tQcQ, rows_in_tile);
+  copy_rows</*kZeroFill=*/true>(gmem_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, keys_in_block(n_block));
   cp_async_fence();
 
   // ---- Main loop over key tiles, last to first: the tiles that need masking come first ----
@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
     clear(acc_s);
     cp_async_wait<0>();
     __syncthreads();  // K[n_block] landed; every warp is done with V[n_block + 1]
-    copy_rows_zero_fill(gmem_copy, tVgV(_, _, _, n_block), tVsV, tKVcKV, keys_in_block(n_block));
+    copy_rows</*kZeroFill=*/true>(gmem_copy, tVgV(_, _, _, n_block), tVsV, tKVcKV, keys_in_block(n_block));
     cp_async_fence();
 
     gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, thread_idx);
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
     cp_async_wait<0>();
     __syncthreads();  // V[n_block] landed; every warp is done with K[n_block]
     if (n_block > 0) {
-      copy_rows_zero_fill(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK, tKVcKV, keys_in_block(n_block - 1));
+      copy_rows</*kZeroFill=*/true>(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK, tKVcKV, keys_in_block(n_block - 1));
       cp_async_fence();
     }
 
@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   Tensor tOgO = gmem_thr_copy_o.partition_D(gO);
   Tensor tOrO = make_tensor<Element>(shape(tOgO));
   copy(gmem_copy_o, tOsO, tOrO);
-  copy_rows_predicated(gmem_copy_o, tOrO, tOgO, gmem_thr_copy_o.partition_D(cQ), rows_in_tile);
+  copy_rows</*kZeroFill=*/false>(gmem_copy_o, tOrO, tOgO, gmem_thr_copy_o.partition_D(cQ), rows_in_tile);
 }
 
 }  // namespace jax_flash

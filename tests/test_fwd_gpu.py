@@ -249,6 +249,14 @@ def test_large_scores(seed, pattern, head_dim, dtype, causal):
     check_kernel(q, k, v, causal=causal)
 
 
+def test_batch_beyond_grid_limit(seed):
+    """A batch over CUDA's grid limit (65535), as vmap can make by folding its axis into the
+    batch, runs as several launches; the rows after the first launch must be written too."""
+    require_kernel(32)
+    q, k, v = random_qkv(seed, 65535 + 7, 5, 6, 1, 32, jnp.bfloat16)
+    check_kernel(q, k, v, causal=True)
+
+
 @pytest.mark.parametrize("softmax_scale", [0.05, 1.0])
 def test_softmax_scale(seed, softmax_scale):
     require_kernel(80)
