@@ -2,13 +2,14 @@
 
     import jax_flash
     out = jax_flash.flash_attention(q, k, v, causal=True)  # [batch, seqlen, heads, head_dim]
+    dq, dk, dv = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)  # loss calling flash_attention
     print(jax_flash.kernel_info())  # what this install can run
 """
 
-from jax_flash._attention import flash_attention
+from jax_flash._attention import RESIDUAL_NAMES, flash_attention
 from jax_flash._extension import kernel_info
 from jax_flash._reference import attention_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["attention_reference", "flash_attention", "kernel_info"]
+__all__ = ["RESIDUAL_NAMES", "attention_reference", "flash_attention", "kernel_info"]

@@ -3,7 +3,8 @@
 It is the CPU lowering, the fallback on GPUs the kernels cannot serve, and the tests' fast cousin
 of the dense oracle. Queries are taken a block at a time (lax.map) and each block scans the key
 blocks with an online softmax: a running row max and row sum, rescaled as each key block arrives.
-Memory is O(seqlen) for any seqlen, so 16k tokens fit on a laptop.
+Memory is O(seqlen) for any seqlen, so 16k tokens fit on a laptop. Its gradient is in
+_blockwise_bwd, which shares the tiling helpers here.
 
 Semantics are the kernel's: products of the inputs' dtype accumulate in float32, the
 probabilities are cast to v's dtype before multiplying v (as FlashAttention does), causal
@@ -29,7 +30,24 @@ def _default_block(batch_heads: int) -> int:
     return block
 
 
-def _to_blocks(x, block: int):
+# ---- shared with the backward (_blockwise_bwd) -------------------------------------------------
+
+def block_sizes(batch_heads: int, seqlen_q: int, seqlen_k: int, block_q: int | None,
+                block_k: int | None) -> tuple[int, int]:
+    """The tile (block_q, block_k): the caller's sizes or the default, never beyond the seqlens."""
+    default_block = _default_block(batch_heads)
+    return min(block_q or default_block, seqlen_q), min(block_k or default_block, seqlen_k)
+
+
+def matmul_settings(dtype) -> tuple[jnp.dtype, lax.Precision]:
+    """The accumulation dtype of products of `dtype` inputs, and the precision they run at."""
+    acc_dtype = jnp.promote_types(dtype, jnp.float32)
+    # Full-precision inputs get full-precision products, not a TF32 shortcut.
+    precision = lax.Precision.HIGHEST if dtype == acc_dtype else lax.Precision.DEFAULT
+    return acc_dtype, precision
+
+
+def to_blocks(x, block: int):
     """[b, s, h, d] -> [s_padded / block, b, h, block, d], zero-padding s to a block multiple."""
     batch, seqlen, heads, head_dim = x.shape
     num_blocks = -(-seqlen // block)
@@ -37,6 +55,38 @@ def _to_blocks(x, block: int):
     x = x.reshape(batch, num_blocks, block, heads, head_dim)
     return x.transpose(1, 0, 3, 2, 4)
 
+
+def from_blocks(blocks, seqlen: int):
+    """[num_blocks, b, h, block, d] -> [b, seqlen, h, d]: to_blocks undone, padding dropped."""
+    _, batch, heads, _, head_dim = blocks.shape
+    return blocks.transpose(1, 0, 3, 2, 4).reshape(batch, -1, heads, head_dim)[:, :seqlen]
+
+
+def rows_to_blocks(x, block: int, padding):
+    """[b, h, s] (one value per query row, as lse) -> [s_padded / block, b, h, block], the tail
+    filled with `padding`."""
+    batch, heads, seqlen = x.shape
+    num_blocks = -(-seqlen // block)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, num_blocks * block - seqlen)), constant_values=padding)
+    return x.reshape(batch, heads, num_blocks, block).transpose(2, 0, 1, 3)
+
+
+def rows_from_blocks(blocks, seqlen: int):
+    """[num_blocks, b, h, block] -> [b, h, seqlen]: rows_to_blocks undone."""
+    _, batch, heads, _ = blocks.shape
+    return blocks.transpose(1, 2, 0, 3).reshape(batch, heads, -1)[:, :, :seqlen]
+
+
+def visible_keys(query, key, *, seqlen_q: int, seqlen_k: int, causal: bool):
+    """Which keys of a tile each query sees: (block_q | 1, block_k) from absolute positions
+    query (block_q,) and key (block_k,). Padded keys are hidden; causal is bottom-right aligned."""
+    visible = (key < seqlen_k)[None, :]
+    if causal:
+        visible = visible & (key[None, :] <= query[:, None] + seqlen_k - seqlen_q)
+    return visible
+
+
+# ---- forward ----------------------------------------------------------------------------------
 
 def blockwise_attention(q, k, v, *, causal: bool, softmax_scale: float,
                         block_q: int | None = None, block_k: int | None = None):
@@ -47,16 +97,12 @@ def blockwise_attention(q, k, v, *, causal: bool, softmax_scale: float,
     """
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k = k.shape[1]
-    acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    # Full-precision inputs get full-precision products, not a TF32 shortcut.
-    precision = lax.Precision.HIGHEST if q.dtype == acc_dtype else lax.Precision.DEFAULT
-    default_block = _default_block(batch * heads)
-    block_q = min(block_q or default_block, seqlen_q)
-    block_k = min(block_k or default_block, seqlen_k)
+    acc_dtype, precision = matmul_settings(q.dtype)
+    block_q, block_k = block_sizes(batch * heads, seqlen_q, seqlen_k, block_q, block_k)
 
-    q_blocks = _to_blocks(q, block_q)  # (num_q_blocks, b, h, block_q, d)
-    k_blocks = _to_blocks(k, block_k)  # (num_k_blocks, b, h, block_k, d)
-    v_blocks = _to_blocks(v, block_k)  # (num_k_blocks, b, h, block_k, d)
+    q_blocks = to_blocks(q, block_q)  # (num_q_blocks, b, h, block_q, d)
+    k_blocks = to_blocks(k, block_k)  # (num_k_blocks, b, h, block_k, d)
+    v_blocks = to_blocks(v, block_k)  # (num_k_blocks, b, h, block_k, d)
     q_starts = jnp.arange(q_blocks.shape[0]) * block_q
     k_starts = jnp.arange(k_blocks.shape[0]) * block_k
 
@@ -67,9 +113,8 @@ def blockwise_attention(q, k, v, *, causal: bool, softmax_scale: float,
         def visit_key_block(carry, kv_block_and_start):
             k_block, v_block, k_start = kv_block_and_start
             key = k_start + jnp.arange(block_k)
-            visible = (key < seqlen_k)[None, :]  # (block_q | 1, block_k)
-            if causal:
-                visible = visible & (key[None, :] <= query[:, None] + seqlen_k - seqlen_q)
+            visible = visible_keys(query, key, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+                                   causal=causal)  # (block_q | 1, block_k)
 
             def update(carry):
                 row_max, row_sum, acc = carry
@@ -106,7 +151,4 @@ def blockwise_attention(q, k, v, *, causal: bool, softmax_scale: float,
         return out.astype(q.dtype), lse.astype(jnp.float32)
 
     out, lse = lax.map(attend_query_block, (q_blocks, q_starts))
-    # out (num_q_blocks, b, h, block_q, d) -> (b, sq, h, d); lse (num_q_blocks, b, h, block_q) -> (b, h, sq)
-    out = out.transpose(1, 0, 3, 2, 4).reshape(batch, -1, heads, head_dim)[:, :seqlen_q]
-    lse = lse.transpose(1, 2, 0, 3).reshape(batch, heads, -1)[:, :, :seqlen_q]
-    return out, lse
+    return from_blocks(out, seqlen_q), rows_from_blocks(lse, seqlen_q)

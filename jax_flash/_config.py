@@ -13,8 +13,11 @@ class FlashConfig:
     causal: key j is visible to query i iff j <= i + seqlen_k - seqlen_q (bottom-right aligned).
     softmax_scale: multiplies q·k before the softmax; resolved from the original head_dim.
     implementation: one of IMPLEMENTATIONS.
+    deterministic: the backward must be bitwise reproducible (the CUDA backward kernel then
+      reduces dq in a fixed order instead of with atomics); the forward ignores it.
     """
 
     causal: bool
     softmax_scale: float
     implementation: str | None
+    deterministic: bool = False

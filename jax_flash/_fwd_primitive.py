@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir, xla
+from jax.interpreters import mlir, xla
 
 from jax_flash import _extension
+from jax_flash._batching import register_batch_folding
 from jax_flash._blockwise import blockwise_attention
 from jax_flash._config import FlashConfig
 from jax_flash._validation import KERNEL_DTYPES, check_kernel_dtype, check_qkv
@@ -131,17 +132,4 @@ mlir.register_lowering(flash_fwd_p, _cuda_lowering, platform="cuda")
 
 # ---- batching --------------------------------------------------------------------------------
 
-def _batching_rule(args, batch_axes, *, config: FlashConfig):
-    """Folds the vmapped axis into the batch dimension; unbatched operands are broadcast."""
-    size = next(x.shape[axis] for x, axis in zip(args, batch_axes) if axis is not None)
-    folded = []
-    for x, axis in zip(args, batch_axes):
-        x = jnp.broadcast_to(x, (size, *x.shape)) if axis is None else jnp.moveaxis(x, axis, 0)
-        folded.append(x.reshape(size * x.shape[1], *x.shape[2:]))
-    out, lse = flash_fwd_p.bind(*folded, config=config)
-    out = out.reshape(size, -1, *out.shape[1:])
-    lse = lse.reshape(size, -1, *lse.shape[1:])
-    return (out, lse), (0, 0)
-
-
-batching.primitive_batchers[flash_fwd_p] = _batching_rule
+register_batch_folding(flash_fwd_p)

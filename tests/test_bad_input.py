@@ -94,7 +94,7 @@ def test_implementation(implementation):
         _trace((B, S, H, D), implementation=implementation)
 
 
-@pytest.mark.parametrize("flag", ["causal", "return_lse"])
+@pytest.mark.parametrize("flag", ["causal", "return_lse", "deterministic"])
 def test_flags_must_be_bools(flag):
     with pytest.raises(TypeError, match=rf"{flag} must be a Python bool; got str"):
         _trace((B, S, H, D), **{flag: "yes"})
