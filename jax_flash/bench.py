@@ -1,17 +1,27 @@
-"""Forward-pass benchmark: jax-flash against cuDNN and plain XLA attention, timed in the same run.
+"""Attention benchmark: jax-flash against cuDNN and plain XLA, forward and forward + backward,
+timed in the same run.
 
-    python -m jax_flash.bench [--out bench_results.json] [--head-dims 64,128,256]
-        [--seqlens ...] [--impls flash,cudnn,xla] [--causal both|true|false] [--dtype bf16] [--quick]
+    python -m jax_flash.bench [--out bench_results.json] [--passes fwd,fwd_bwd]
+        [--head-dims 64,128,256] [--seqlens ...] [--impls flash,cudnn,xla]
+        [--causal both|true|false] [--dtype bf16] [--quick] [--max-seconds S] [--no-charts]
+    python -m jax_flash.bench --charts-from bench_results.json   # redraw the charts only
 
 On a GPU it times the FlashAttention paper grid: batch × seqlen = 16384 tokens, hidden 2048, so
 heads = 2048 / head_dim. On a CPU it times a small grid through jax-flash's XLA path (cuDNN rows are
 skipped with a note), so the same command runs anywhere in well under a minute.
 
-Forward TFLOP/s = 4·batch·heads·seqlen²·head_dim / time, halved for causal as FlashAttention
-reports.
-"vs cuDNN" is cuDNN's time over this row's (above 1: faster than cuDNN), measured in the same run.
-Each row also carries its error against the float32 oracle on a slice (first batch element, first
-two heads), where "rel_err" is ‖out − ref‖₂ / ‖ref‖₂.
+Passes: "fwd" times the attention itself; "fwd_bwd" times the value and (dq, dk, dv) gradients of
+loss = sum(out.astype(float32) · dout) for a fixed standard-normal dout. An implementation that
+cannot run a pass (no gradient yet, out of memory) gets a row with status "error: ...".
+
+TFLOP/s = FLOPs / time. Forward FLOPs = 4·batch·heads·seqlen²·head_dim; the backward counts 2.5×
+that and fwd_bwd 3.5×, as FlashAttention reports; all halved for causal.
+"vs cuDNN" is cuDNN's time over this row's in the same pass (above 1: faster than cuDNN), measured
+in the same run. Each row also carries its error against the float32 oracle on a slice (first
+batch element, first two heads): "rel_err" is ‖x − ref‖₂ / ‖ref‖₂ with x = out for fwd, and the
+largest of dq's, dk's and dv's for fwd_bwd; "max_abs_err" likewise.
+
+After a run, one PNG per (pass, head dim) lands beside the JSON, e.g. bench_results_fwd_d128.png.
 """
 
 from __future__ import annotations
@@ -45,6 +55,10 @@ CPU_BATCH = 2
 CPU_HEADS = 4
 CPU_HEAD_DIMS = (64,)
 CPU_SEQLENS = (256, 512)
+
+PASSES = ("fwd", "fwd_bwd")
+# FLOPs of a pass over the forward's: the backward does 2.5× the forward's matmul work.
+PASS_FLOPS_PER_FORWARD = {"fwd": 1.0, "fwd_bwd": 3.5}
 
 # flash: our kernel on a GPU (implementation="cuda"), our XLA path elsewhere.
 # flash_xla: jax-flash's pure-JAX blockwise path, wherever it runs.
@@ -122,6 +136,10 @@ def forward_flops(shape: Shape) -> float:
     return flops / 2 if shape.causal else flops
 
 
+def pass_flops(shape: Shape, pass_: str) -> float:
+    return PASS_FLOPS_PER_FORWARD[pass_] * forward_flops(shape)
+
+
 # --- The implementations ----------------------------------------------------------------------
 
 def attention_fn(impl: str, causal: bool, softmax_scale: float, backend: str):
@@ -136,11 +154,32 @@ def attention_fn(impl: str, causal: bool, softmax_scale: float, backend: str):
     return fn, impl
 
 
-def skip_reason(impl: str, shape: Shape, backend: str, xla_max_seqlen: int) -> str | None:
+def pass_fn(pass_: str, attention):
+    """The function a pass times. It returns a tuple whose leading entries the oracle checks:
+    (out,) for fwd; (dq, dk, dv, loss) for fwd_bwd, whose inputs carry dout after q, k and v."""
+    if pass_ == "fwd":
+        return lambda q, k, v: (attention(q, k, v),)
+
+    def loss(q, k, v, dout):
+        return jnp.sum(attention(q, k, v).astype(jnp.float32) * dout)
+
+    # The loss is returned so that XLA cannot drop the forward's P·V product, which no gradient
+    # needs: without it, plain XLA would do less work than the FLOPs credited to it.
+    def grads_and_loss(q, k, v, dout):
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, dout)
+        return (*grads, value)
+
+    return grads_and_loss
+
+
+def skip_reason(impl: str, shape: Shape, backend: str, xla_max_seqlen: int,
+                deadline: float) -> str | None:
     if impl == "cudnn" and backend != "gpu":
         return "cuDNN needs an NVIDIA GPU"
     if impl == "xla" and shape.seqlen > xla_max_seqlen:
         return f"seqlen > --xla-max-seqlen {xla_max_seqlen}"
+    if time.perf_counter() > deadline:
+        return "--max-seconds spent"
     return None
 
 
@@ -177,85 +216,122 @@ def time_per_call(fn, input_sets, settings: TimingSettings) -> tuple[float, int]
     return statistics.median(per_call), calls
 
 
+def random_cotangent(shape: Shape, key) -> jax.Array:
+    """fwd_bwd's dout: float32 standard normal, like the loss it multiplies."""
+    dims = (shape.batch, shape.seqlen, shape.num_heads, shape.head_dim)
+    return jax.random.normal(key, dims, jnp.float32)
+
+
 def error_slice(x: jax.Array) -> jax.Array:
     return x[:ERROR_BATCH, :, :ERROR_HEADS]
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "softmax_scale"))
-def _reference_output(q, k, v, *, causal, softmax_scale):
+def _reference_fwd(q, k, v, dout, *, causal, softmax_scale):
     out, _ = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale)
-    return out
+    return (out,)
 
 
-def reference_output(q, k, v, *, causal: bool, softmax_scale: float) -> np.ndarray:
-    """The float32 oracle's output, computed on the host CPU (apart from the device under test, and
-    with no autotuning per shape), REFERENCE_CHUNK query rows at a time to bound its memory.
+def _reference_loss(q, k, v, dout, *, causal, softmax_scale):
+    return jnp.sum(_reference_fwd(q, k, v, dout, causal=causal, softmax_scale=softmax_scale)[0]
+                   * dout)
+
+
+# Per pass: the oracle, and which of its outputs run along the queries (a chunk's rows are final)
+# or along the keys (a chunk adds its part to every key it sees).
+_REFERENCES = {
+    "fwd": (jax.jit(_reference_fwd, static_argnames=("causal", "softmax_scale")), ("q",)),
+    "fwd_bwd": (jax.jit(jax.grad(_reference_loss, argnums=(0, 1, 2)),
+                        static_argnames=("causal", "softmax_scale")), ("q", "k", "k")),
+}
+
+
+def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool,
+                      softmax_scale: float) -> list[np.ndarray]:
+    """The float32 oracle's (out,) or (dq, dk, dv), computed on the host CPU (apart from the device
+    under test, and with no autotuning per shape), REFERENCE_CHUNK query rows at a time to bound
+    its memory. The loss is a sum over query rows, so the chunks' gradients add up to the whole's.
 
     The bench's shapes are square (seqlen_q == seqlen_k). For causal, the queries [start, stop) see
     no key at or past `stop`; handing the oracle only keys [0, stop) keeps its bottom-right
     alignment equal to the full problem's.
     """
-    q, k, v = jax.device_put((q, k, v), jax.devices("cpu")[0])
+    cpu = jax.devices("cpu")[0]
+    q, k, v, dout = (jax.device_put(x, cpu).astype(jnp.float32) for x in (q, k, v, dout))
+    oracle, axes = _REFERENCES[pass_]
+    totals = [np.zeros(q.shape if axis == "q" else k.shape, np.float32) for axis in axes]
     seqlen = q.shape[1]
-    chunks = []
     for start in range(0, seqlen, REFERENCE_CHUNK):
         stop = min(start + REFERENCE_CHUNK, seqlen)
         keys = stop if causal else seqlen
-        chunks.append(_reference_output(q[:, start:stop], k[:, :keys], v[:, :keys],
-                                        causal=causal, softmax_scale=softmax_scale))
-    return np.concatenate(chunks, axis=1)
+        parts = oracle(q[:, start:stop], k[:, :keys], v[:, :keys], dout[:, start:stop],
+                       causal=causal, softmax_scale=softmax_scale)
+        for axis, total, part in zip(axes, totals, parts):
+            if axis == "q":
+                total[:, start:stop] = part
+            else:
+                total[:, :keys] += part
+    return totals
 
 
-def output_errors(out: jax.Array, ref: np.ndarray) -> tuple[float, float]:
-    """(max |out − ref|, ‖out − ref‖₂ / ‖ref‖₂)."""
-    diff = np.asarray(out, np.float32) - ref
-    return float(np.abs(diff).max()), float(np.linalg.norm(diff) / np.linalg.norm(ref))
+def output_errors(outputs, references) -> tuple[float, float]:
+    """The largest, over the checked outputs, of max |x − ref| and of ‖x − ref‖₂ / ‖ref‖₂."""
+    max_abs, rel = 0.0, 0.0
+    for x, ref in zip(outputs, references):
+        diff = np.asarray(error_slice(x), np.float32) - ref
+        max_abs = max(max_abs, float(np.abs(diff).max()))
+        rel = max(rel, float(np.linalg.norm(diff) / np.linalg.norm(ref)))
+    return max_abs, rel
 
 
 # --- One configuration ------------------------------------------------------------------------
 
-def bench_shape(shape: Shape, impls, settings: TimingSettings, backend: str,
-                xla_max_seqlen: int, key) -> list[dict]:
-    """One row per impl: its time and error, or why it was skipped or failed."""
+def bench_shape(shape: Shape, impls, passes, settings: TimingSettings, backend: str,
+                xla_max_seqlen: int, deadline: float, key) -> list[dict]:
+    """One row per (pass, impl): its time and error, or why it was skipped or failed."""
     input_sets = [random_inputs(shape, part) for part in jax.random.split(key, INPUT_SETS)]
+    dout = random_cotangent(shape, jax.random.fold_in(key, INPUT_SETS))
     softmax_scale = 1.0 / math.sqrt(shape.head_dim)
-    reference = reference_output(*map(error_slice, input_sets[0]), causal=shape.causal,
-                                 softmax_scale=softmax_scale)
     rows = []
-    for impl in impls:
-        row = {"impl": impl, "pass": "fwd", **dataclasses.asdict(shape)}
-        reason = skip_reason(impl, shape, backend, xla_max_seqlen)
-        if reason:
-            rows.append({**row, "status": f"skipped: {reason}"})
-            continue
-        fn, row["path"] = attention_fn(impl, shape.causal, softmax_scale, backend)
-        start = time.perf_counter()
-        try:
-            jitted = jax.jit(fn)
-            seconds, calls = time_per_call(jitted, input_sets, settings)
-            max_abs_err, rel_err = output_errors(error_slice(jitted(*input_sets[0])), reference)
-        except Exception as e:  # noqa: BLE001 - a failing impl (OOM, unsupported) is a result
-            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            rows.append({**row, "status": f"error: {type(e).__name__}: {message}"[:300]})
-            continue
-        rows.append({**row, "status": "ok", "ms": seconds * 1e3,
-                     "tflops": forward_flops(shape) / seconds / 1e12,
-                     "calls_per_repeat": calls, "repeats": settings.repeats,
-                     "max_abs_err": max_abs_err, "rel_err": rel_err,
-                     # compiling, warming up, timing and the error check together
-                     "wall_seconds": time.perf_counter() - start})
+    for pass_ in passes:
+        inputs = input_sets if pass_ == "fwd" else [(*qkv, dout) for qkv in input_sets]
+        reasons = {impl: skip_reason(impl, shape, backend, xla_max_seqlen, deadline)
+                   for impl in impls}
+        if not all(reasons.values()):
+            reference = reference_outputs(pass_, *map(error_slice, (*input_sets[0], dout)),
+                                          causal=shape.causal, softmax_scale=softmax_scale)
+        for impl in impls:
+            row = {"impl": impl, "pass": pass_, **dataclasses.asdict(shape)}
+            if reasons[impl]:
+                rows.append({**row, "status": f"skipped: {reasons[impl]}"})
+                continue
+            attention, row["path"] = attention_fn(impl, shape.causal, softmax_scale, backend)
+            start = time.perf_counter()
+            try:
+                jitted = jax.jit(pass_fn(pass_, attention))
+                seconds, calls = time_per_call(jitted, inputs, settings)
+                max_abs_err, rel_err = output_errors(jitted(*inputs[0]), reference)
+            except Exception as e:  # noqa: BLE001 - a failing impl (OOM, no gradient) is a result
+                message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                rows.append({**row, "status": f"error: {type(e).__name__}: {message}"[:300]})
+                continue
+            rows.append({**row, "status": "ok", "ms": seconds * 1e3,
+                         "tflops": pass_flops(shape, pass_) / seconds / 1e12,
+                         "calls_per_repeat": calls, "repeats": settings.repeats,
+                         "max_abs_err": max_abs_err, "rel_err": rel_err,
+                         # compiling, warming up, timing and the error check together
+                         "wall_seconds": time.perf_counter() - start})
     return rows
 
 
 # --- Reporting --------------------------------------------------------------------------------
 
-TABLE_HEADER = (f"{'impl':<10} {'path':<6} {'d':>4} {'seqlen':>6} {'b×h':>7} {'causal':<6} "
-                f"{'ms':>9} {'TFLOP/s':>8} {'vs cuDNN':>8} {'max|err|':>9} {'rel err':>8}  note")
+TABLE_HEADER = (f"{'impl':<10} {'pass':<7} {'path':<6} {'d':>4} {'seqlen':>6} {'b×h':>7} "
+                f"{'causal':<6} {'ms':>9} {'TFLOP/s':>8} {'vs cuDNN':>8} {'max|err|':>9} {'rel err':>8}  note")
 
 
 def format_row(row: dict, cudnn_ms: float | None) -> str:
-    shape = (f"{row['impl']:<10} {row.get('path', '-'):<6} {row['head_dim']:>4} "
-             f"{row['seqlen']:>6} {row['batch']:>3}×{row['num_heads']:<3} "
+    shape = (f"{row['impl']:<10} {row['pass']:<7} {row.get('path', '-'):<6} "
+             f"{row['head_dim']:>4} {row['seqlen']:>6} {row['batch']:>3}×{row['num_heads']:<3} "
              f"{'yes' if row['causal'] else 'no':<6}")
     if row["status"] != "ok":
         return f"{shape} {'':>9} {'':>8} {'':>8} {'':>9} {'':>8}  {row['status']}"
@@ -266,12 +342,13 @@ def format_row(row: dict, cudnn_ms: float | None) -> str:
 
 
 def format_shape_rows(rows: list[dict]) -> list[str]:
-    """Table lines of one configuration's rows; speed is also given relative to cuDNN's."""
-    cudnn_ms = next((r["ms"] for r in rows if r["impl"] == "cudnn" and r["status"] == "ok"), None)
-    return [format_row(row, cudnn_ms) for row in rows]
+    """Table lines of one configuration's rows; speed is also given relative to cuDNN's in the
+    same pass."""
+    cudnn_ms = {r["pass"]: r["ms"] for r in rows if r["impl"] == "cudnn" and r["status"] == "ok"}
+    return [format_row(row, cudnn_ms.get(row["pass"])) for row in rows]
 
 
-def run_metadata(argv, backend: str, dtype: str, settings: TimingSettings) -> dict:
+def run_metadata(argv, backend: str, dtype: str, passes, settings: TimingSettings) -> dict:
     device = jax.devices()[0]
     return {
         "device": device.device_kind,
@@ -282,9 +359,11 @@ def run_metadata(argv, backend: str, dtype: str, settings: TimingSettings) -> di
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "jax_flash.bench", *argv]),
         "dtype": dtype,
+        "passes": list(passes),
         "timing": dataclasses.asdict(settings),
-        "flops": "fwd: 4*batch*heads*seqlen^2*head_dim, halved for causal",
-        "error": f"vs float32 oracle on batch[:{ERROR_BATCH}], heads[:{ERROR_HEADS}]",
+        "flops": "fwd: 4*batch*heads*seqlen^2*head_dim, halved for causal; fwd_bwd: 3.5x fwd",
+        "error": f"vs float32 oracle on batch[:{ERROR_BATCH}], heads[:{ERROR_HEADS}]; "
+                 "fwd_bwd: the worst of dq, dk, dv, for loss = sum(out * dout)",
         "rows": [],
     }
 
@@ -301,25 +380,30 @@ def _int_list(text: str) -> tuple[int, ...]:
     return tuple(int(item) for item in text.split(",") if item)
 
 
-def _impl_list(text: str) -> tuple[str, ...]:
-    impls = tuple(item for item in text.split(",") if item)
-    unknown = [impl for impl in impls if impl not in IMPLS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown impl {unknown}; choose from {IMPLS}")
-    return impls
+def _choice_list(choices: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(item for item in text.split(",") if item)
+        unknown = [item for item in items if item not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {choices}")
+        return items
+    return parse
 
 
 def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m jax_flash.bench", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench_results.json", help="JSON file of every row")
+    parser.add_argument("--out", default="bench_results.json",
+                        help="JSON file of every row; the charts go beside it")
+    parser.add_argument("--passes", type=_choice_list(PASSES), default=PASSES,
+                        help=f"comma list of {PASSES} (default both)")
     parser.add_argument("--head-dims", type=_int_list,
                         help=f"comma list (GPU default {PAPER_HEAD_DIMS}, CPU {CPU_HEAD_DIMS})")
     parser.add_argument("--seqlens", type=_int_list,
                         help=f"comma list (GPU default {PAPER_SEQLENS}, --quick {QUICK_SEQLENS}, "
                              f"CPU {CPU_SEQLENS})")
-    parser.add_argument("--impls", type=_impl_list, default=DEFAULT_IMPLS,
+    parser.add_argument("--impls", type=_choice_list(IMPLS), default=DEFAULT_IMPLS,
                         help=f"comma list of {IMPLS} (default {','.join(DEFAULT_IMPLS)})")
     parser.add_argument("--causal", choices=tuple(CAUSAL_MODES), default="both")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
@@ -327,30 +411,54 @@ def parse_args(argv) -> argparse.Namespace:
                         help="fewer seqlens and shorter timing, for a first look")
     parser.add_argument("--xla-max-seqlen", type=int, default=DEFAULT_XLA_MAX_SEQLEN,
                         help="skip plain XLA above this seqlen (it materializes the scores)")
+    parser.add_argument("--max-seconds", type=float, default=math.inf,
+                        help="past this many seconds of run, skip the rows not yet started")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-charts", action="store_true", help="write no PNG charts")
+    parser.add_argument("--charts-from", metavar="JSON",
+                        help="only redraw the charts of an earlier run's JSON, beside it")
     return parser.parse_args(argv)
+
+
+def write_charts(report: dict, json_path: str) -> None:
+    try:
+        from jax_flash._bench_chart import write_charts as write
+    except ImportError as e:  # matplotlib is optional; the JSON holds every number anyway
+        print(f"# no charts: {e}", flush=True)
+        return
+    for path in write(report, json_path):
+        print(f"# wrote {path}", flush=True)
 
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.charts_from:
+        with open(args.charts_from) as f:
+            write_charts(json.load(f), args.charts_from)
+        return
+    deadline = time.perf_counter() + args.max_seconds
     backend = jax.default_backend()
     settings = QUICK_TIMING if args.quick else FULL_TIMING
     shapes = build_grid(args, backend)
-    report = run_metadata(argv, backend, args.dtype, settings)
+    report = run_metadata(argv, backend, args.dtype, args.passes, settings)
 
     print(f"# {report['device']} ({backend}), jax {report['jax_version']}, {args.dtype}, "
-          f"{len(shapes)} configurations; forward TFLOP/s = 4·b·h·s²·d / time (causal: half); "
-          f"errors vs the float32 oracle", flush=True)
+          f"{len(shapes)} configurations × passes {','.join(args.passes)}; TFLOP/s = "
+          f"4·b·h·s²·d / time for fwd, 3.5× that for fwd_bwd (causal: half); errors vs the "
+          f"float32 oracle", flush=True)
     print(TABLE_HEADER, flush=True)
     keys = jax.random.split(jax.random.key(args.seed), len(shapes))
     for shape, key in zip(shapes, keys):
-        rows = bench_shape(shape, args.impls, settings, backend, args.xla_max_seqlen, key)
+        rows = bench_shape(shape, args.impls, args.passes, settings, backend,
+                           args.xla_max_seqlen, deadline, key)
         report["rows"].extend(rows)
         # Written after every configuration, so a run cut short keeps what it measured.
         write_json(args.out, report)
         print("\n".join(format_shape_rows(rows)), flush=True)
     print(f"# wrote {args.out}", flush=True)
+    if not args.no_charts:
+        write_charts(report, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,133 @@
+"""The benchmark's own arithmetic, oracle, charts and command line, on a tiny grid."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_flash
+from jax_flash import bench
+from jax_flash._bench_chart import write_charts
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _shape(causal):
+    return bench.Shape(batch=2, seqlen=1024, num_heads=16, head_dim=128, causal=causal,
+                       dtype="bf16")
+
+
+def test_flops():
+    forward = 4 * 2 * 16 * 1024**2 * 128
+    assert bench.forward_flops(_shape(False)) == forward
+    assert bench.pass_flops(_shape(False), "fwd") == forward
+    assert bench.pass_flops(_shape(False), "fwd_bwd") == 3.5 * forward
+    assert bench.pass_flops(_shape(True), "fwd") == forward / 2
+    assert bench.pass_flops(_shape(True), "fwd_bwd") == 3.5 * forward / 2
+
+
+def test_chunked_oracle_gradients_match_whole(make_qkv, monkeypatch):
+    # Causal, so that each chunk sees a different prefix of the keys; 40 rows in chunks of 32
+    # leave a partial last chunk.
+    q, k, v = make_qkv(1, 40, 40, 2, 24)
+    dout = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
+
+    @jax.jit
+    def whole(q, k, v):
+        def loss(q, k, v):
+            out, _ = jax_flash.attention_reference(q, k, v, causal=True, softmax_scale=0.3)
+            return jnp.sum(out * dout)
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    monkeypatch.setattr(bench, "REFERENCE_CHUNK", 32)
+    chunked = bench.reference_outputs("fwd_bwd", q, k, v, dout, causal=True, softmax_scale=0.3)
+    for got, want in zip(chunked, whole(q, k, v), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _row(impl, pass_, head_dim, seqlen, causal, tflops=None, status="ok"):
+    row = {"impl": impl, "pass": pass_, "batch": 16384 // seqlen, "seqlen": seqlen,
+           "num_heads": 2048 // head_dim, "head_dim": head_dim, "causal": causal,
+           "dtype": "bf16", "status": status}
+    return {**row, "tflops": tflops} if status == "ok" else row
+
+
+def _synthetic_report():
+    """Both passes, two head dims, and rows that did not run: flash has no gradient, XLA stops
+    short of 16k."""
+    rows = []
+    for pass_ in ("fwd", "fwd_bwd"):
+        for head_dim in (64, 128):
+            for seqlen in (512, 1024, 16384):
+                for causal in (False, True):
+                    cell = (pass_, head_dim, seqlen, causal)
+                    rows.append(_row("cudnn", *cell, tflops=400.0 + seqlen / 100))
+                    rows.append(_row("flash", *cell, tflops=300.0) if pass_ == "fwd" else
+                                _row("flash", *cell, status="error: NotImplementedError: no grad"))
+                    rows.append(_row("xla", *cell, tflops=9.5) if seqlen < 16384 else
+                                _row("xla", *cell, status="skipped: seqlen > --xla-max-seqlen"))
+    return {"device": "NVIDIA H200", "dtype": "bf16", "date": "2026-11-22T03:09:44+00:00",
+            "rows": rows}
+
+
+def test_charts_one_png_per_pass_and_head_dim(tmp_path):
+    paths = write_charts(_synthetic_report(), str(tmp_path / "bench_results.json"))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(f"bench_results_{pass_}_d{d}.png"
+                           for pass_ in ("fwd", "fwd_bwd") for d in (64, 128))
+    assert sorted(str(tmp_path / name) for name in names) == sorted(paths)
+    for path in paths:
+        with open(path, "rb") as f:
+            assert f.read(8) == PNG_MAGIC
+
+
+def test_charts_from_json(tmp_path):
+    report = _synthetic_report()
+    report["rows"] = [row for row in report["rows"] if row["head_dim"] == 64]
+    for row in report["rows"]:
+        del row["pass"]  # reports written before fwd_bwd existed
+    json_path = tmp_path / "old.json"
+    json_path.write_text(json.dumps(report))
+    bench.main(["--charts-from", str(json_path)])
+    assert (tmp_path / "old_fwd_d64.png").stat().st_size > 0
+
+
+TINY = ["--seqlens", "64", "--head-dims", "32", "--causal", "false", "--quick"]
+
+
+def test_tiny_run_both_passes_survives_a_raising_gradient(tmp_path, monkeypatch):
+    real = jax_flash.flash_attention
+
+    @jax.custom_vjp
+    def no_gradient(q, k, v):
+        return real(q, k, v)
+
+    def backward(residuals, dout):
+        raise NotImplementedError("no gradients here")
+
+    no_gradient.defvjp(lambda q, k, v: (no_gradient(q, k, v), None), backward)
+    # causal is off and the bench's scale is flash_attention's default, so dropping them is exact.
+    monkeypatch.setattr(jax_flash, "flash_attention", lambda q, k, v, **_: no_gradient(q, k, v))
+    monkeypatch.setattr(bench, "QUICK_TIMING", bench.TimingSettings(1, 1, 0.0))
+    out = tmp_path / "tiny.json"
+    bench.main(["--out", str(out), *TINY])
+
+    rows = json.loads(out.read_text())["rows"]
+    status = {(row["pass"], row["impl"]): row["status"] for row in rows}
+    assert set(status) == {(p, i) for p in bench.PASSES for i in bench.DEFAULT_IMPLS}
+    assert status["fwd", "flash"] == "ok"
+    assert status["fwd_bwd", "flash"].startswith("error: NotImplementedError: no gradients here")
+    for row in rows:
+        if row["impl"] == "xla":
+            assert row["status"] == "ok" and 0 < row["rel_err"] < 2e-2 and row["tflops"] > 0
+    for pass_ in bench.PASSES:
+        assert (tmp_path / f"tiny_{pass_}_d32.png").stat().st_size > 0
+
+
+def test_max_seconds_skips_what_is_left(tmp_path):
+    out = tmp_path / "late.json"
+    bench.main(["--out", str(out), "--max-seconds", "0", "--no-charts", *TINY])
+    statuses = {row["status"] for row in json.loads(out.read_text())["rows"]}
+    assert statuses <= {"skipped: --max-seconds spent", "skipped: cuDNN needs an NVIDIA GPU"}
+    assert not list(tmp_path.glob("*.png"))
