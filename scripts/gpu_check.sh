@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds jax-flash with its CUDA kernels, runs the GPU tests and the forward benchmark, and keeps
+# Builds jax-flash with its CUDA kernels, runs the GPU tests and the benchmark (forward and forward+backward, with charts), and keeps
 # every log under OUTDIR. For anyone with an NVIDIA GPU and nvcc; run from anywhere in the repo.
 #
 #   scripts/gpu_check.sh OUTDIR [--no-build] [--no-tests] [--no-bench] [--bench-args "ARGS"]
@@ -8,7 +8,7 @@
 # JAX_FLASH_CUDA_ARCHS (e.g. 90a) and JAX_FLASH_HEAD_DIMS (e.g. 64,128) build fewer kernels for a
 # faster iteration; CUTLASS_DIR points at a CUTLASS checkout instead of the nvidia-cutlass wheel.
 #
-# OUTDIR gets build.log, gpu_tests.log, gpu_tests.xml (junit), bench.log and bench.json.
+# OUTDIR gets build.log, gpu_tests.log, gpu_tests.xml (junit), bench.log, bench.json and bench_*.png.
 # Exit status: 0 when every step that ran passed; 1 build failed (tests and bench are then not
 # run); 2 tests failed; 3 the benchmark failed; 64 bad usage.
 set -uo pipefail
