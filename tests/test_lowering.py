@@ -109,11 +109,15 @@ def test_pads_to_the_smallest_compiled_head_dim(pretend_build, head_dim, padded)
     assert re.search(rf"-> \(tensor<1x9x2x{head_dim}xbf16>.*, tensor<1x2x9xf32>", hlo)
 
 
-@pytest.mark.parametrize("setup,reason", [
+# Builds and GPUs the kernel cannot serve, with the reason each one's message gives.
+KERNEL_CANNOT_RUN = [
     (dict(kernels=False), "left out of this pretend build"),
     (dict(capability=(7, 5)), "compute capability 7.5"),
     (dict(head_dims=(64,)), "head_dim 100 is larger than every head dim"),
-])
+]
+
+
+@pytest.mark.parametrize("setup,reason", KERNEL_CANNOT_RUN)
 def test_auto_falls_back_and_warns_once(pretend_build, setup, reason):
     pretend_build(**setup)
     with pytest.warns(RuntimeWarning, match=reason):
@@ -124,11 +128,7 @@ def test_auto_falls_back_and_warns_once(pretend_build, setup, reason):
         _lower_for_cuda((1, 5, 2, 100), (1, 5, 2, 100))
 
 
-@pytest.mark.parametrize("setup,reason", [
-    (dict(kernels=False), "left out of this pretend build"),
-    (dict(capability=(7, 5)), "compute capability 7.5"),
-    (dict(head_dims=(64,)), "head_dim 100 is larger than every head dim"),
-])
+@pytest.mark.parametrize("setup,reason", KERNEL_CANNOT_RUN)
 def test_cuda_implementation_refuses_what_the_kernel_cannot_run(pretend_build, setup, reason):
     pretend_build(**setup)
     with pytest.raises(RuntimeError, match=f"implementation='cuda' cannot run: .*{reason}"):
