@@ -9,7 +9,7 @@
 #include <vector>
 
 #if JAX_FLASH_WITH_CUDA
-#include "ffi_fwd.h"
+#include "ffi_handlers.h"
 #include "flash_api.h"
 #endif
 
@@ -55,6 +55,7 @@ NB_MODULE(_C, m) {
         nb::dict targets;
 #if JAX_FLASH_WITH_CUDA
         targets["jax_flash_fwd"] = nb::capsule(reinterpret_cast<void*>(FlashFwd));
+        targets["jax_flash_bwd"] = nb::capsule(reinterpret_cast<void*>(FlashBwd));
 #endif
         return targets;
       },

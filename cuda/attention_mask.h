@@ -1,6 +1,7 @@
 // Which keys each query may see: the key-sequence tail and, optionally, causal masking aligned to
 // the bottom-right corner (query i sees key j iff j <= i + seqlen_k - seqlen_q). Decides which key
-// tiles a query tile visits and which of them need element-wise masking.
+// tiles a query tile visits (and which query tiles a key tile meets) and which tile pairs need
+// element-wise masking.
 #pragma once
 
 #include <cmath>
@@ -27,6 +28,13 @@ struct AttentionMask {
       end = min(end, last_visible_key < 0 ? 0 : last_visible_key / kBlockN + 1);
     }
     return end;
+  }
+
+  // The first query tile with any visible key in key tile n_block (the backward's loop start).
+  __forceinline__ __device__ int m_block_begin(int n_block) const {
+    if (!is_causal) return 0;
+    const int first_row = n_block * kBlockN - causal_shift();
+    return first_row <= 0 ? 0 : first_row / kBlockM;
   }
 
   // Whether some (query, key) pair of this tile pair is masked.

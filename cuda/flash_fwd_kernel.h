@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   Tensor cQ = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});   // (kBlockM, kHeadDim) -> (row, col)
   Tensor cKV = make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{});  // (kBlockN, kHeadDim) -> (row, col)
 
-  typename Traits::GmemTiledCopyO gmem_copy_o;
+  typename Traits::GmemTiledCopyStore gmem_copy_o;
   auto gmem_thr_copy_o = gmem_copy_o.get_thread_slice(thread_idx);
 
   // ---- Query tiles with no visible key: output 0, lse -inf ----
@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});   // (kBlockN, kHeadDim)
   Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});             // (kHeadDim, kBlockN)
 
-  typename Traits::GmemTiledCopyQKV gmem_copy;
+  typename Traits::GmemTiledCopyAsync gmem_copy;
   auto gmem_thr_copy = gmem_copy.get_thread_slice(thread_idx);
   Tensor tQgQ = gmem_thr_copy.partition_S(gQ);    // (CPY, CPY_M, CPY_K)
   Tensor tQsQ = gmem_thr_copy.partition_D(sQ);
@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
 
   Tensor rO = convert_fragment<Element>(acc_o);
   Tensor sO = make_tensor(sQ.data(), typename Traits::SmemLayoutO{});  // (kBlockM, kHeadDim)
-  auto smem_copy_o = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, tiled_mma);
+  auto smem_copy_o = make_tiled_copy_C(typename Traits::SmemCopyAtomStore{}, tiled_mma);
   auto smem_thr_copy_o = smem_copy_o.get_thread_slice(thread_idx);
   copy(smem_copy_o, smem_thr_copy_o.retile_S(rO), smem_thr_copy_o.partition_D(sO));
   __syncthreads();

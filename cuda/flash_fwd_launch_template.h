@@ -6,7 +6,7 @@
 
 #include "flash_fwd_kernel.h"
 #include "flash_params.h"
-#include "kernel_traits.h"
+#include "fwd_kernel_traits.h"
 #include "tile_sizes.h"
 
 namespace jax_flash {

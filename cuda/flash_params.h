@@ -34,4 +34,24 @@ struct FlashFwdParams {
   DType dtype;
 };
 
+// Backward pass. The forward's fields describe q, k, v and lse (out is not read); dout is laid out
+// like out. dk and dv are per query head: under GQA the caller sums each group's heads.
+struct FlashBwdParams {
+  FlashFwdParams fwd;
+  const void* dout;     // [batch, seqlen_q, num_heads, head_dim], strides of out
+  const float* delta;   // [batch, num_heads, seqlen_q]: rowsum(dout ∘ out) − dlse
+  float* dq_accum;      // [batch, seqlen_q, num_heads, head_dim] contiguous, zeroed; gets dS·K
+                        // (dq = softmax_scale · dq_accum)
+  void* dk;             // [batch, seqlen_k, num_heads, head_dim]
+  void* dv;             // [batch, seqlen_k, num_heads, head_dim], strides of dk
+  int64_t dkv_batch_stride, dkv_row_stride, dkv_head_stride;
+  // Deterministic mode: [batch, num_heads, ceil(seqlen_q / kDqSemaphoreRowsPerCounter)] zeroed
+  // counters that make the key tiles add into each query tile's dq_accum in a fixed order.
+  // nullptr: atomics in any order.
+  int* dq_semaphore;
+};
+
+// Query rows per dq_semaphore counter: at most the smallest query tile of any backward kernel.
+constexpr int kDqSemaphoreRowsPerCounter = 16;
+
 }  // namespace jax_flash

@@ -1,4 +1,5 @@
-// Forward tile shapes per head dim for SM80-class tensor cores (mma.sync), one line of reason each.
+// Tile shapes per head dim for the SM80-class (mma.sync) kernels, forward and backward.
+// Forward, one line of reason each.
 // Shared memory per CTA is kBlockM·d (Q) + 2·kBlockN·d (K, V) elements.
 #pragma once
 
@@ -18,5 +19,21 @@ template <> struct FwdTileSize<160> { static constexpr int kBlockM = 128, kBlock
 template <> struct FwdTileSize<192> { static constexpr int kBlockM = 128, kBlockN = 64,  kNWarps = 8; };
 template <> struct FwdTileSize<224> { static constexpr int kBlockM = 128, kBlockN = 64,  kNWarps = 8; };
 template <> struct FwdTileSize<256> { static constexpr int kBlockM = 128, kBlockN = 64,  kNWarps = 8; };
+
+
+// Backward tile shapes: kBlockN keys per CTA (dK and dV stay in registers), kBlockM queries per
+// step, and how the 8 warps split each MMA (rows of S/dP, rows of dK/dV, rows of dQ).
+// Accumulators per thread: 2·kBlockN·d/256 for dK and dV, which bounds kBlockN·d. Each MMA's
+// warp tile must divide its shape: d 160 and 224 are multiples of 32, not 64, so 4 warps go along
+// the rows of dK/dV and dQ there, leaving 32 columns of d per warp tile.
+template <int kHeadDim> struct BwdTileSize;
+template <> struct BwdTileSize<32>  { static constexpr int kBlockM = 128, kBlockN = 128, kNWarps = 8, kWarpsMSdP = 4, kWarpsNdKV = 4, kWarpsMdQ = 4; };
+template <> struct BwdTileSize<64>  { static constexpr int kBlockM = 128, kBlockN = 128, kNWarps = 8, kWarpsMSdP = 4, kWarpsNdKV = 2, kWarpsMdQ = 2; };
+template <> struct BwdTileSize<96>  { static constexpr int kBlockM = 64,  kBlockN = 128, kNWarps = 8, kWarpsMSdP = 2, kWarpsNdKV = 4, kWarpsMdQ = 4; };
+template <> struct BwdTileSize<128> { static constexpr int kBlockM = 64,  kBlockN = 128, kNWarps = 8, kWarpsMSdP = 2, kWarpsNdKV = 4, kWarpsMdQ = 2; };
+template <> struct BwdTileSize<160> { static constexpr int kBlockM = 64,  kBlockN = 64,  kNWarps = 8, kWarpsMSdP = 4, kWarpsNdKV = 4, kWarpsMdQ = 4; };
+template <> struct BwdTileSize<192> { static constexpr int kBlockM = 64,  kBlockN = 64,  kNWarps = 8, kWarpsMSdP = 4, kWarpsNdKV = 2, kWarpsMdQ = 2; };
+template <> struct BwdTileSize<224> { static constexpr int kBlockM = 64,  kBlockN = 64,  kNWarps = 8, kWarpsMSdP = 4, kWarpsNdKV = 4, kWarpsMdQ = 4; };
+template <> struct BwdTileSize<256> { static constexpr int kBlockM = 64,  kBlockN = 64,  kNWarps = 8, kWarpsMSdP = 4, kWarpsNdKV = 2, kWarpsMdQ = 2; };
 
 }  // namespace jax_flash

@@ -9,8 +9,9 @@ import warnings
 
 import jax
 
-# The target the forward lowering calls; see _fwd_primitive for its operands and attributes.
+# The targets the lowerings call; see _fwd_primitive and _bwd_primitive for their contracts.
 FWD_TARGET = "jax_flash_fwd"
+BWD_TARGET = "jax_flash_bwd"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +38,9 @@ def _load() -> BuildInfo:
     if not info["cuda"]:
         return BuildInfo(False, info["reason"] or "jax_flash._C was built without CUDA", (), ())
     targets = compiled.registrations()
-    if FWD_TARGET not in targets:
-        return BuildInfo(False, f"jax_flash._C registers no {FWD_TARGET!r} target", (), ())
+    missing = [name for name in (FWD_TARGET, BWD_TARGET) if name not in targets]
+    if missing:
+        return BuildInfo(False, f"jax_flash._C registers no {missing[0]!r} target", (), ())
     for name, capsule in targets.items():
         jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
     return BuildInfo(

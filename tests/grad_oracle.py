@@ -4,7 +4,8 @@ tests.
 The oracle is jax.vjp of the dense float32 attention_reference, run on the host CPU. The bar for
 low-precision gradients: each of dq, dk, dv is no further from the oracle than twice the same dense
 computation in the inputs' own dtype is, plus the rounding of the oracle's answer to that dtype (an
-error no implementation returning that dtype can avoid), plus `slack` times its largest entry.
+error no implementation returning that dtype can avoid), plus `slack` times its largest entry,
+plus TINY (float32 noise where the oracle's gradient is exactly 0, e.g. dq with a single key).
 """
 
 import functools
@@ -14,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_flash import attention_reference
+
+TINY = 1e-5
 
 
 def random_normal(seed: int, shape, dtype) -> jax.Array:
@@ -63,7 +66,7 @@ def assert_grads_within_rule(grads, q, k, v, dout, dlse=None, *, causal, softmax
         error = np.abs(grad - ref).max()
         dense_error = np.abs(baseline - ref).max()
         rounding = np.abs(rounded - ref).max()
-        bound = 2 * dense_error + rounding + slack * np.abs(ref).max()
+        bound = 2 * dense_error + rounding + slack * np.abs(ref).max() + TINY
         assert error <= bound, (
             f"max |{name} - oracle| = {error:.3e} > 2 × {dense_error:.3e} (dense attention in "
-            f"{jnp.dtype(dtype).name}) + {rounding:.3e} (oracle rounded) + slack = {bound:.3e}")
+            f"{jnp.dtype(dtype).name}) + {rounding:.3e} (oracle rounded) + slack + tiny = {bound:.3e}")

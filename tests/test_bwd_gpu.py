@@ -1,10 +1,9 @@
-"""Gradients with the CUDA kernel's forward (implementation="cuda") against the float32 oracle's;
-GPU only.
+"""Gradients of the CUDA kernels (implementation="cuda": the forward and the backward kernel)
+against the float32 oracle's; GPU only.
 
-The backward is the XLA blockwise one for now (the backward kernel comes later and will be held to
-these same tests); it starts from the kernel's out and lse, so these tests check that the two
-agree on what the residuals mean. The bar is FlashAttention's, as grad_oracle states it, with
-SLACK for the kernel's forward rounding differently from the dense computation's.
+The bar is FlashAttention's, as grad_oracle states it, with SLACK for the kernels rounding
+differently from the dense computation. Every gradient is computed on poisoned memory (see
+test_fwd_gpu.run_on_poisoned_memory), so an element the backward never writes fails the test.
 """
 
 import functools
@@ -16,13 +15,14 @@ import pytest
 
 import jax_flash
 from grad_oracle import assert_grads_within_rule, random_normal
-from test_fwd_gpu import DTYPES, random_qkv, require_kernel, seed  # noqa: F401 (seed: a fixture)
+from test_fwd_gpu import (DTYPES, random_qkv, require_kernel, run_on_poisoned_memory,  # noqa: F401
+                          seed)  # seed: a fixture
 
 pytestmark = pytest.mark.gpu
 
 SLACK = 1e-3  # times the largest entry of the oracle's gradient
 
-SEQLENS = [(1, 1), (97, 97), (257, 113), (113, 257), (1025, 1025)]
+SEQLENS = [(1, 1), (17, 17), (97, 97), (257, 113), (113, 257), (17, 1025), (1025, 1025)]
 
 
 def _cotangents(seed, q, with_lse=False):
@@ -52,7 +52,18 @@ def test_grads(seed, seqlen_q, seqlen_k, head_dim, dtype, causal):
     require_kernel(head_dim)
     q, k, v = random_qkv(seed, 1, seqlen_q, seqlen_k, 2, head_dim, DTYPES[dtype])
     dout, _ = _cotangents(seed, q)
-    grads = _kernel_grads(q, k, v, dout, causal=causal)
+    grads = run_on_poisoned_memory(functools.partial(_kernel_grads, causal=causal), q, k, v, dout)
+    assert_grads_within_rule(grads, q, k, v, dout, causal=causal, slack=SLACK)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [32, 96, 160, 192, 224, 256])
+def test_grads_every_head_dim(seed, head_dim, causal):
+    """The head dims test_grads leaves out, at ragged seqlens that differ."""
+    require_kernel(head_dim)
+    q, k, v = random_qkv(seed, 2, 203, 150, 2, head_dim, jnp.bfloat16)
+    dout, _ = _cotangents(seed, q)
+    grads = run_on_poisoned_memory(functools.partial(_kernel_grads, causal=causal), q, k, v, dout)
     assert_grads_within_rule(grads, q, k, v, dout, causal=causal, slack=SLACK)
 
 
@@ -75,14 +86,17 @@ def test_deterministic_grads_are_bitwise_reproducible(seed):
     first, second = grads(q, k, v, dout, dlse), grads(q, k, v, dout, dlse)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert_grads_within_rule(first, q, k, v, dout, dlse, causal=True, slack=SLACK)
 
 
-def test_grad_runs_the_kernel_forward():
-    """Under jax.grad the forward is still our custom call, and it survives compilation."""
+def test_grad_runs_both_kernels():
+    """Under jax.grad the forward and the backward are our custom calls, after compilation too."""
     require_kernel(128)
     x = jax.ShapeDtypeStruct((2, 256, 4, 128), jnp.bfloat16)
     loss = lambda q, k, v: jnp.sum(jax_flash.flash_attention(
         q, k, v, causal=True, implementation="cuda").astype(jnp.float32) ** 2)
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x)
-    assert "jax_flash_fwd" in lowered.as_text()
-    assert "jax_flash_fwd" in lowered.compile().as_text()
+    compiled = lowered.compile().as_text()
+    for target in ("jax_flash_fwd", "jax_flash_bwd"):
+        assert target in lowered.as_text()
+        assert target in compiled

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 import jax_flash
-from jax_flash import _extension, _fwd_primitive
+from jax_flash import _extension, _kernel_choice
 
 needs_kernels = pytest.mark.skipif(
     not _extension.kernels_built(),
@@ -91,7 +91,7 @@ def pretend_build(monkeypatch):
                                      head_dims if kernels else ())
         monkeypatch.setattr(_extension, "BUILD", build)
         monkeypatch.setattr(_extension, "_warned_reasons", set())
-        monkeypatch.setattr(_fwd_primitive, "_min_compute_capability", lambda: capability)
+        monkeypatch.setattr(_kernel_choice, "_min_compute_capability", lambda: capability)
 
     return pretend
 

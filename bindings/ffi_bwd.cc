@@ -1,0 +1,98 @@
+// XLA FFI handler of the attention backward pass: checks the buffers XLA hands over, zeroes the
+// dq accumulator (and the deterministic mode's counters), fills FlashBwdParams and launches the
+// kernel on XLA's stream. Every failure becomes an ffi::Error.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <string>
+
+#include "ffi_common.h"
+#include "ffi_handlers.h"
+#include "flash_api.h"
+#include "flash_params.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_flash {
+namespace {
+
+constexpr const char* kTarget = "jax_flash_bwd";
+
+template <typename Buffer>
+bool HasShape(const Buffer& buffer, std::initializer_list<int64_t> shape) {
+  const auto dims = buffer.dimensions();
+  return std::equal(dims.begin(), dims.end(), shape.begin(), shape.end());
+}
+
+ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                        ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> delta,
+                        ffi::ResultBuffer<ffi::F32> dq_accum_result, ffi::Result<ffi::AnyBuffer> dk_result,
+                        ffi::Result<ffi::AnyBuffer> dv_result, ffi::ResultBuffer<ffi::S32> dq_semaphore_result,
+                        float softmax_scale, bool causal, bool deterministic) {
+  const ffi::Buffer<ffi::F32> dq_accum = *dq_accum_result;
+  const ffi::AnyBuffer dk = *dk_result;
+  const ffi::AnyBuffer dv = *dv_result;
+  const ffi::Buffer<ffi::S32> dq_semaphore = *dq_semaphore_result;
+  if (ffi::Error error = CheckQkv(kTarget, q, k, v); error.failure()) return error;
+  const auto q_dims = q.dimensions();
+  const int64_t batch = q_dims[0], seqlen_q = q_dims[1], num_heads = q_dims[2], head_dim = q_dims[3];
+  const int64_t seqlen_k = k.dimensions()[1];
+  const std::string q_shape = "of q: " + Describe("q", q);
+  FLASH_CHECK(kTarget, dout.element_type() == q.element_type(), dout, "the dtype of q");
+  FLASH_CHECK(kTarget, HasShape(dout, {batch, seqlen_q, num_heads, head_dim}), dout, "the shape " + q_shape);
+  FLASH_CHECK(kTarget, HasShape(lse, {batch, num_heads, seqlen_q}), lse, "[batch, num_heads, seqlen_q] " + q_shape);
+  FLASH_CHECK(kTarget, HasShape(delta, {batch, num_heads, seqlen_q}), delta,
+              "[batch, num_heads, seqlen_q] " + q_shape);
+  FLASH_CHECK(kTarget, HasShape(dq_accum, {batch, seqlen_q, num_heads, head_dim}), dq_accum, "the shape " + q_shape);
+  const std::string dkv_expected = "[batch, seqlen_k, num_heads, head_dim] (one per query head) in the dtype " + q_shape;
+  FLASH_CHECK(kTarget, dk.element_type() == q.element_type() && HasShape(dk, {batch, seqlen_k, num_heads, head_dim}),
+              dk, dkv_expected);
+  FLASH_CHECK(kTarget, dv.element_type() == q.element_type() && HasShape(dv, {batch, seqlen_k, num_heads, head_dim}),
+              dv, dkv_expected);
+  const int64_t counters = (seqlen_q + kDqSemaphoreRowsPerCounter - 1) / kDqSemaphoreRowsPerCounter;
+  FLASH_CHECK(kTarget, HasShape(dq_semaphore, {batch, num_heads, counters}), dq_semaphore,
+              "[batch, num_heads, ceil(seqlen_q / " + std::to_string(kDqSemaphoreRowsPerCounter) + ")]");
+
+  FlashBwdParams params{};
+  params.fwd = QkvParams(q, k, v, softmax_scale, causal);
+  params.fwd.lse = const_cast<float*>(lse.typed_data());  // read only by the backward
+  params.dout = dout.untyped_data();
+  params.delta = delta.typed_data();
+  params.dq_accum = dq_accum.typed_data();
+  params.dk = dk.untyped_data();
+  params.dv = dv.untyped_data();
+  params.dkv_head_stride = head_dim;
+  params.dkv_row_stride = num_heads * head_dim;
+  params.dkv_batch_stride = seqlen_k * num_heads * head_dim;
+  params.dq_semaphore = deterministic ? dq_semaphore.typed_data() : nullptr;
+
+  const std::string context = std::string(kTarget) + " (" + Describe("q", q) + ", " + Describe("k", k) +
+                              ", causal=" + (causal ? "true" : "false") + ")";
+  cudaError_t status = cudaMemsetAsync(dq_accum.untyped_data(), 0, dq_accum.size_bytes(), stream);
+  if (status == cudaSuccess && deterministic) {
+    status = cudaMemsetAsync(dq_semaphore.untyped_data(), 0, dq_semaphore.size_bytes(), stream);
+  }
+  if (status == cudaSuccess) status = run_flash_bwd(params, stream);
+  return CudaStatusToError(status, context);
+}
+
+}  // namespace
+}  // namespace jax_flash
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBwd, jax_flash::FlashBwdImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()  // XLA's stream
+                                  .Arg<xla::ffi::AnyBuffer>()  // q [b, sq, h, d] F16 or BF16
+                                  .Arg<xla::ffi::AnyBuffer>()  // k [b, sk, hk, d], dtype of q
+                                  .Arg<xla::ffi::AnyBuffer>()  // v [b, sk, hk, d], dtype of q
+                                  .Arg<xla::ffi::AnyBuffer>()  // dout [b, sq, h, d], dtype of q
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // lse [b, h, sq]
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // delta [b, h, sq]
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // dq_accum [b, sq, h, d]
+                                  .Ret<xla::ffi::AnyBuffer>()  // dk [b, sk, h, d], dtype of q
+                                  .Ret<xla::ffi::AnyBuffer>()  // dv [b, sk, h, d], dtype of q
+                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>()  // dq_semaphore
+                                  .Attr<float>("softmax_scale")  // logits = scale * q.k
+                                  .Attr<bool>("causal")          // mask j > i + sk - sq
+                                  .Attr<bool>("deterministic"));  // fixed dq summation order

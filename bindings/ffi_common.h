@@ -1,0 +1,131 @@
+// Shared by the FFI handlers: descriptions of buffers for error messages, the checks of q, k, v
+// that return InvalidArgument, the kernel parameters XLA's dense buffers imply, and CUDA status →
+// ffi::Error.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "flash_api.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_flash {
+
+// "q [2, 128, 8, 64] F16"
+template <typename Buffer>
+std::string Describe(const char* name, const Buffer& buffer) {
+  std::ostringstream os;
+  os << name << " [";
+  const auto dims = buffer.dimensions();
+  for (size_t i = 0; i < dims.size(); ++i) os << (i ? ", " : "") << dims[i];
+  os << "] " << buffer.element_type();
+  return os.str();
+}
+
+// Returns InvalidArgument from the handler of `target`, naming `buffer`, its shape and dtype,
+// unless `cond` holds. `expected` is only evaluated on failure.
+#define FLASH_CHECK(target, cond, buffer, expected)                                               \
+  do {                                                                                            \
+    if (!(cond))                                                                                  \
+      return ::xla::ffi::Error::InvalidArgument(std::string(target) + ": " +                      \
+                                                ::jax_flash::Describe(#buffer, buffer) +          \
+                                                ": expected " + (expected));                      \
+  } while (0)
+
+inline const std::vector<int>& BuiltHeadDims() {
+  static const std::vector<int> dims = [] {
+    std::vector<int> dims(32);
+    dims.resize(supported_head_dims(dims.data(), static_cast<int>(dims.size())));
+    return dims;
+  }();
+  return dims;
+}
+
+inline bool IsBuiltHeadDim(int64_t head_dim) {
+  const std::vector<int>& dims = BuiltHeadDims();
+  return std::find(dims.begin(), dims.end(), head_dim) != dims.end();
+}
+
+inline std::string BuiltHeadDimList() {
+  std::ostringstream os;
+  const std::vector<int>& dims = BuiltHeadDims();
+  for (size_t i = 0; i < dims.size(); ++i) os << (i ? ", " : "") << dims[i];
+  return os.str();
+}
+
+inline bool AllInIntRange(xla::ffi::Span<const int64_t> dims) {
+  return std::all_of(dims.begin(), dims.end(), [](int64_t d) { return d >= 1 && d <= INT_MAX; });
+}
+
+// Ranks, dtypes and shapes of q [b, sq, h, d], k and v [b, sk, hk, d] that the kernels take.
+inline xla::ffi::Error CheckQkv(const std::string& target, const xla::ffi::AnyBuffer& q,
+                                const xla::ffi::AnyBuffer& k, const xla::ffi::AnyBuffer& v) {
+  namespace ffi = xla::ffi;
+  FLASH_CHECK(target, q.dimensions().size() == 4, q, "rank 4 [batch, seqlen_q, num_heads, head_dim]");
+  FLASH_CHECK(target, k.dimensions().size() == 4, k, "rank 4 [batch, seqlen_k, num_heads_k, head_dim]");
+  FLASH_CHECK(target, v.dimensions().size() == 4, v, "rank 4 [batch, seqlen_k, num_heads_k, head_dim]");
+  const ffi::DataType dtype = q.element_type();
+  FLASH_CHECK(target, dtype == ffi::F16 || dtype == ffi::BF16, q, "dtype F16 or BF16");
+  FLASH_CHECK(target, k.element_type() == dtype, k, "the dtype of q");
+  FLASH_CHECK(target, v.element_type() == dtype, v, "the dtype of q");
+
+  const auto q_dims = q.dimensions();
+  const auto k_dims = k.dimensions();
+  FLASH_CHECK(target, AllInIntRange(q_dims), q, "every dimension in [1, 2^31)");
+  FLASH_CHECK(target, AllInIntRange(k_dims), k, "every dimension in [1, 2^31)");
+  FLASH_CHECK(target, q_dims[2] % k_dims[2] == 0, k,
+              "num_heads_k dividing num_heads = " + std::to_string(q_dims[2]));
+  FLASH_CHECK(target, k_dims[0] == q_dims[0] && k_dims[3] == q_dims[3], k,
+              "batch and head_dim of q: " + Describe("q", q));
+  FLASH_CHECK(target, std::equal(k_dims.begin(), k_dims.end(), v.dimensions().begin()), v,
+              "the shape of k: " + Describe("k", k));
+  FLASH_CHECK(target, IsBuiltHeadDim(q_dims[3]), q, "head_dim among those built: " + BuiltHeadDimList());
+  return ffi::Error::Success();
+}
+
+// The parameters of dense row-major q, k, v buffers [batch, seqlen, heads, head_dim] (out, if
+// any, shaped as q), checked by CheckQkv.
+inline FlashFwdParams QkvParams(const xla::ffi::AnyBuffer& q, const xla::ffi::AnyBuffer& k,
+                                const xla::ffi::AnyBuffer& v, float softmax_scale, bool causal) {
+  const auto q_dims = q.dimensions();
+  const auto k_dims = k.dimensions();
+  const int64_t seqlen_q = q_dims[1], num_heads = q_dims[2], head_dim = q_dims[3];
+  const int64_t seqlen_k = k_dims[1], num_heads_k = k_dims[2];
+  FlashFwdParams params{};
+  params.q = q.untyped_data();
+  params.k = k.untyped_data();
+  params.v = v.untyped_data();
+  params.q_head_stride = params.out_head_stride = head_dim;
+  params.q_row_stride = params.out_row_stride = num_heads * head_dim;
+  params.q_batch_stride = params.out_batch_stride = seqlen_q * num_heads * head_dim;
+  params.k_head_stride = params.v_head_stride = head_dim;
+  params.k_row_stride = params.v_row_stride = num_heads_k * head_dim;
+  params.k_batch_stride = params.v_batch_stride = seqlen_k * num_heads_k * head_dim;
+  params.batch = static_cast<int>(q_dims[0]);
+  params.seqlen_q = static_cast<int>(seqlen_q);
+  params.seqlen_k = static_cast<int>(seqlen_k);
+  params.num_heads = static_cast<int>(num_heads);
+  params.num_heads_k = static_cast<int>(num_heads_k);
+  params.head_dim = static_cast<int>(head_dim);
+  params.softmax_scale = softmax_scale;
+  params.is_causal = causal;
+  params.dtype = q.element_type() == xla::ffi::F16 ? DType::kFloat16 : DType::kBFloat16;
+  return params;
+}
+
+// InvalidArgument for parameters the kernels reject, Internal for any other CUDA failure.
+inline xla::ffi::Error CudaStatusToError(cudaError_t status, const std::string& context) {
+  if (status == cudaSuccess) return xla::ffi::Error::Success();
+  const std::string message =
+      context + ": " + cudaGetErrorName(status) + ": " + cudaGetErrorString(status);
+  if (status == cudaErrorInvalidValue) return xla::ffi::Error::InvalidArgument(message);
+  return xla::ffi::Error::Internal(message);
+}
+
+}  // namespace jax_flash

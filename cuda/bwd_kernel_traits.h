@@ -1,0 +1,65 @@
+// Compile-time description of one backward kernel: tile shape, the warp layouts of its three
+// MMAs (S and dP over (kBlockM, kBlockN); dK and dV over (kBlockN, d); dQ over (kBlockM, d)),
+// and the shared-memory layouts with the transposed views that ldmatrix.trans reads.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "sm80_atoms.h"
+
+namespace jax_flash {
+
+using namespace cute;
+
+// Largest dynamic shared memory of one CTA on every supported GPU (A100: 163 KiB).
+constexpr int kSmemBudgetBytes = 163 * 1024;
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kWarpsMSdP, int kWarpsNdKV, int kWarpsMdQ,
+          typename Element_>
+struct BwdKernelTraits : Sm80Atoms<Element_, kHeadDim_, kNWarps_ * 32> {
+  using Atoms = Sm80Atoms<Element_, kHeadDim_, kNWarps_ * 32>;
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kNThreads = kNWarps * 32;
+
+  template <int kWarpsM>
+  using WarpGrid = TiledMMA<typename Atoms::MmaAtom, Layout<Shape<Int<kWarpsM>, Int<kNWarps / kWarpsM>, _1>>,
+                            Tile<Int<16 * kWarpsM>, Int<16 * (kNWarps / kWarpsM)>, _16>>;
+  // A warp grid's tile, 16·warps_m × 16·warps_n, must divide the shape it covers.
+  static constexpr bool tiles(int rows, int cols, int warps_m) {
+    return rows % (16 * warps_m) == 0 && cols % (16 * (kNWarps / warps_m)) == 0;
+  }
+  static_assert(tiles(kBlockM, kBlockN, kWarpsMSdP), "S/dP warp grid does not divide (kBlockM, kBlockN)");
+  static_assert(tiles(kBlockN, kHeadDim, kWarpsNdKV), "dK/dV warp grid does not divide (kBlockN, d)");
+  static_assert(tiles(kBlockM, kHeadDim, kWarpsMdQ), "dQ warp grid does not divide (kBlockM, d)");
+  using TiledMmaSdP = WarpGrid<kWarpsMSdP>;  // S = Q·Kᵀ and dP = dO·Vᵀ
+  using TiledMmadKV = WarpGrid<kWarpsNdKV>;  // dV += Pᵀ·dO and dK += dSᵀ·Q
+  using TiledMmadQ = WarpGrid<kWarpsMdQ>;    // dQ = dS·K
+
+  using SmemLayoutAtomPdS = decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
+  static_assert(kBlockN % 64 == 0, "P and dS are stored in 64-column chunks");
+
+  using SmemLayoutQ = decltype(tile_to_shape(typename Atoms::SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutKV = decltype(tile_to_shape(typename Atoms::SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  using SmemLayoutPdS = decltype(tile_to_shape(SmemLayoutAtomPdS{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  // Transposed views of the same bytes.
+  using SmemLayoutQt = decltype(composition(SmemLayoutQ{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>>{}, GenRowMajor{})));
+  using SmemLayoutKt = decltype(composition(SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
+  using SmemLayoutPdSt = decltype(composition(SmemLayoutPdS{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{}, GenRowMajor{})));
+
+  static constexpr int kSmemQBytes = int(cosize_v<SmemLayoutQ>) * int(sizeof(Element));
+  static constexpr int kSmemKVBytes = int(cosize_v<SmemLayoutKV>) * int(sizeof(Element));
+  static constexpr int kSmemPdSBytes = int(cosize_v<SmemLayoutPdS>) * int(sizeof(Element));
+  // Q and dO get a second buffer, so that the next query tile loads during the whole current one,
+  // where shared memory allows.
+  static constexpr bool kDoubleBufferQ = 4 * kSmemQBytes + 2 * kSmemKVBytes + 2 * kSmemPdSBytes <= kSmemBudgetBytes;
+  static constexpr int kQStages = kDoubleBufferQ ? 2 : 1;
+  // Q and dO (each kQStages deep), K, V, P, dS.
+  static constexpr int kSmemBytes = 2 * kQStages * kSmemQBytes + 2 * kSmemKVBytes + 2 * kSmemPdSBytes;
+  static_assert(kSmemBytes <= kSmemBudgetBytes);
+};
+
+}  // namespace jax_flash

@@ -1,0 +1,281 @@
+// FlashAttention-2 backward for SM80-class tensor cores. One CTA owns kBlockN keys of one
+// (batch, head): it keeps dK and dV in registers while it walks the query tiles that see those
+// keys, recomputes P from the saved lse (the S×S matrix never exists), and adds each query tile's
+// share of dQ into a float32 buffer, with atomics (or, in deterministic mode, in key-tile order).
+#pragma once
+
+#include <cmath>
+
+#include <cute/tensor.hpp>
+
+#include "attention_mask.h"
+#include "block_gemm.h"
+#include "flash_params.h"
+#include "register_layouts.h"
+#include "tile_copy.h"
+
+namespace jax_flash {
+
+using namespace cute;
+
+// dq_accum[rows, cols] += acc for the rows below num_rows; acc and coords are rows × cols views
+// whose neighbouring column pairs are adjacent in memory.
+template <typename Acc, typename Coords>
+__forceinline__ __device__ void add_dq_tile(float* dq_accum, int64_t row_stride, Acc const& acc, Coords const& coords,
+                                            int num_rows) {
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(acc); ++r) {
+    const int row = get<0>(coords(r, 0));
+    if (row >= num_rows) continue;
+    float* dst = dq_accum + row * row_stride;
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(acc); c += 2) {
+      const int col = get<1>(coords(r, c));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      atomicAdd(reinterpret_cast<float2*>(dst + col), make_float2(acc(r, c), acc(r, c + 1)));
+#else
+      atomicAdd(dst + col, acc(r, c));
+      atomicAdd(dst + col + 1, acc(r, c + 1));
+#endif
+    }
+  }
+}
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_kernel(const __grid_constant__ FlashBwdParams params) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr bool kDoubleBufferQ = Traits::kDoubleBufferQ;
+  static_assert(kBlockM >= kDqSemaphoreRowsPerCounter, "one dq_semaphore counter per query tile at most");
+  const FlashFwdParams& p = params.fwd;
+
+  extern __shared__ __align__(128) char smem[];
+  const int thread_idx = threadIdx.x;
+  const int n_block = blockIdx.x;
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int head_k = head / (p.num_heads / p.num_heads_k);
+
+  const AttentionMask<kBlockM, kBlockN> mask{p.seqlen_q, p.seqlen_k, p.is_causal};
+  const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int m_begin = mask.m_block_begin(n_block);
+  const int keys_in_tile = min(kBlockN, p.seqlen_k - n_block * kBlockN);
+
+  // ---- Global tensors of this (batch, head) ----
+  auto rows_of = [&](const void* base, int64_t batch_stride, int64_t head_offset, int64_t row_stride, int seqlen) {
+    return make_tensor(make_gmem_ptr(static_cast<const Element*>(base) + batch * batch_stride + head_offset),
+                       make_shape(seqlen, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
+  };
+  Tensor mQ = rows_of(p.q, p.q_batch_stride, head * p.q_head_stride, p.q_row_stride, p.seqlen_q);
+  Tensor mdO = rows_of(params.dout, p.out_batch_stride, head * p.out_head_stride, p.out_row_stride, p.seqlen_q);
+  Tensor mK = rows_of(p.k, p.k_batch_stride, head_k * p.k_head_stride, p.k_row_stride, p.seqlen_k);
+  Tensor mV = rows_of(p.v, p.v_batch_stride, head_k * p.v_head_stride, p.v_row_stride, p.seqlen_k);
+  Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, 0));    // (kBlockM, d, m)
+  Tensor gdO = local_tile(mdO, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, 0));  // (kBlockM, d, m)
+  Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, 0));  // (kBlockN, d)
+  Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, 0));  // (kBlockN, d)
+  const int64_t stats_offset = (int64_t(batch) * p.num_heads + head) * p.seqlen_q;
+  const float* lse_row = p.lse + stats_offset;
+  const float* delta_row = params.delta + stats_offset;
+  const int64_t dq_row_stride = int64_t(p.num_heads) * kHeadDim;
+  float* dq_accum = params.dq_accum + (int64_t(batch) * p.seqlen_q * p.num_heads + head) * kHeadDim;
+
+  // ---- Shared memory: Q and dO (kQStages each), K, V, P, dS ----
+  using SmemLayoutQ = typename Traits::SmemLayoutQ;
+  Element* smem_q = reinterpret_cast<Element*>(smem);
+  Element* smem_do = smem_q + Traits::kQStages * cosize_v<SmemLayoutQ>;
+  Tensor sK = make_tensor(make_smem_ptr(smem_do + Traits::kQStages * cosize_v<SmemLayoutQ>), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
+  Tensor sP = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutPdS{});   // (kBlockM, kBlockN)
+  Tensor sdS = make_tensor(sP.data() + size(sP), typename Traits::SmemLayoutPdS{});  // (kBlockM, kBlockN)
+  Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutKt{});              // (d, kBlockN)
+  Tensor sPt = make_tensor(sP.data(), typename Traits::SmemLayoutPdSt{});            // (kBlockN, kBlockM)
+  Tensor sdSt = make_tensor(sdS.data(), typename Traits::SmemLayoutPdSt{});          // (kBlockN, kBlockM)
+  // One stage of the Q or dO buffer: (kBlockM, d), and its (d, kBlockM) view.
+  auto q_stage = [&](Element* base, int stage) {
+    return make_tensor(make_smem_ptr(base + stage * cosize_v<SmemLayoutQ>), SmemLayoutQ{});
+  };
+  auto q_stage_t = [&](Element* base, int stage) {
+    return make_tensor(make_smem_ptr(base + stage * cosize_v<SmemLayoutQ>), typename Traits::SmemLayoutQt{});
+  };
+
+  typename Traits::GmemTiledCopyAsync gmem_copy;
+  auto gmem_thr_copy = gmem_copy.get_thread_slice(thread_idx);
+  Tensor tQgQ = gmem_thr_copy.partition_S(gQ);     // (CPY, CPY_M, CPY_K, m)
+  Tensor tdOgdO = gmem_thr_copy.partition_S(gdO);  // (CPY, CPY_M, CPY_K, m)
+  Tensor tQcQ = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  Tensor tKVcKV = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+
+  // ---- MMAs and the ldmatrix copies that feed them ----
+  typename Traits::TiledMmaSdP mma_sdp;
+  typename Traits::TiledMmadKV mma_dkv;
+  typename Traits::TiledMmadQ mma_dq;
+  auto thr_sdp = mma_sdp.get_thread_slice(thread_idx);
+  auto thr_dkv = mma_dkv.get_thread_slice(thread_idx);
+  auto thr_dq = mma_dq.get_thread_slice(thread_idx);
+  auto ldsm_a_sdp = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma_sdp);
+  auto ldsm_b_sdp = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, mma_sdp);
+  auto ldsm_at_dkv = make_tiled_copy_A(typename Traits::SmemCopyAtomTransposed{}, mma_dkv);
+  auto ldsm_bt_dkv = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, mma_dkv);
+  auto ldsm_a_dq = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma_dq);
+  auto ldsm_bt_dq = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, mma_dq);
+
+  Tensor sQ0 = q_stage(smem_q, 0);
+  Tensor sQt0 = q_stage_t(smem_q, 0);
+  Tensor sdO0 = q_stage(smem_do, 0);
+  Tensor sdOt0 = q_stage_t(smem_do, 0);
+  Tensor tSrQ = thr_sdp.partition_fragment_A(sQ0);       // (MMA, MMA_M, MMA_K)
+  Tensor tSrK = thr_sdp.partition_fragment_B(sK);        // (MMA, MMA_N, MMA_K)
+  Tensor tdPrdO = thr_sdp.partition_fragment_A(sdO0);    // (MMA, MMA_M, MMA_K)
+  Tensor tdPrV = thr_sdp.partition_fragment_B(sV);       // (MMA, MMA_N, MMA_K)
+  Tensor tdVrPt = thr_dkv.partition_fragment_A(sPt);     // (MMA, MMA_N, MMA_K=M)
+  Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt0);  // (MMA, MMA_D, MMA_K=M)
+  Tensor tdKrdSt = thr_dkv.partition_fragment_A(sdSt);   // (MMA, MMA_N, MMA_K=M)
+  Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt0);    // (MMA, MMA_D, MMA_K=M)
+  Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);      // (MMA, MMA_M, MMA_K=N)
+  Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);      // (MMA, MMA_D, MMA_K=N)
+  Tensor tSsK = ldsm_b_sdp.get_thread_slice(thread_idx).partition_S(sK);
+  Tensor tdPsV = ldsm_b_sdp.get_thread_slice(thread_idx).partition_S(sV);
+  Tensor tdVsPt = ldsm_at_dkv.get_thread_slice(thread_idx).partition_S(sPt);
+  Tensor tdKsdSt = ldsm_at_dkv.get_thread_slice(thread_idx).partition_S(sdSt);
+  Tensor tdQsdS = ldsm_a_dq.get_thread_slice(thread_idx).partition_S(sdS);
+  Tensor tdQsKt = ldsm_bt_dq.get_thread_slice(thread_idx).partition_S(sKt);
+
+  auto store_pds = make_tiled_copy_C(typename Traits::SmemCopyAtomStore{}, mma_sdp);
+  auto thr_store_pds = store_pds.get_thread_slice(thread_idx);
+  Tensor tPsP = thr_store_pds.partition_D(sP);
+  Tensor tdSsdS = thr_store_pds.partition_D(sdS);
+
+  Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});  // (MMA, MMA_N, MMA_D)
+  Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});  // (MMA, MMA_N, MMA_D)
+  clear(acc_dk);
+  clear(acc_dv);
+
+  // (row, col) in the tile of every S/dP and dQ element this thread holds, as rows × cols.
+  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  Tensor coords_s = make_tensor(tScS.data(), acc_rowcol_layout(tScS.layout()));
+  Tensor coords_dq = make_tensor(tdQcdQ.data(), acc_rowcol_layout(tdQcdQ.layout()));
+  const float scale_log2 = p.softmax_scale * float(M_LOG2E);
+
+  // ---- Prologue: K and V once, the first query tile ----
+  Tensor tKsK = gmem_thr_copy.partition_D(sK);
+  Tensor tVsV = gmem_thr_copy.partition_D(sV);
+  copy_rows</*kZeroFill=*/true>(gmem_copy, gmem_thr_copy.partition_S(gK), tKsK, tKVcKV, keys_in_tile);
+  copy_rows</*kZeroFill=*/true>(gmem_copy, gmem_thr_copy.partition_S(gV), tVsV, tKVcKV, keys_in_tile);
+  auto load_query_tile = [&](int m_block, int stage) {
+    const int rows = p.seqlen_q - m_block * kBlockM;
+    Tensor tQsQ = gmem_thr_copy.partition_D(q_stage(smem_q, stage));
+    Tensor tdOsdO = gmem_thr_copy.partition_D(q_stage(smem_do, stage));
+    copy_rows</*kZeroFill=*/true>(gmem_copy, tQgQ(_, _, _, m_block), tQsQ, tQcQ, rows);
+    copy_rows</*kZeroFill=*/true>(gmem_copy, tdOgdO(_, _, _, m_block), tdOsdO, tQcQ, rows);
+  };
+  if (m_begin < num_m_blocks) load_query_tile(m_begin, 0);
+  cp_async_fence();
+
+  // ---- Main loop over the query tiles that see this key tile ----
+  for (int m_block = m_begin; m_block < num_m_blocks; ++m_block) {
+    const int stage = kDoubleBufferQ ? (m_block - m_begin) & 1 : 0;
+    Tensor sQ = q_stage(smem_q, stage);
+    Tensor sQt = q_stage_t(smem_q, stage);
+    Tensor sdO = q_stage(smem_do, stage);
+    Tensor sdOt = q_stage_t(smem_do, stage);
+    cp_async_wait<0>();
+    __syncthreads();  // this query tile landed; every warp is done with the previous one
+    if constexpr (kDoubleBufferQ) {
+      if (m_block + 1 < num_m_blocks) load_query_tile(m_block + 1, stage ^ 1);
+      cp_async_fence();
+    }
+
+    // lse·log2(e) and delta of this thread's rows. Rows past seqlen_q, and rows that see no key
+    // (lse = -inf), get +inf so that P is exactly 0.
+    constexpr int kRows = decltype(size<0>(coords_s))::value;
+    float row_lse_log2[kRows], row_delta[kRows];
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int row = m_block * kBlockM + get<0>(coords_s(r, 0));
+      const float lse = row < p.seqlen_q ? lse_row[row] : -INFINITY;
+      row_lse_log2[r] = lse == -INFINITY ? INFINITY : lse * float(M_LOG2E);
+      row_delta[r] = row < p.seqlen_q ? delta_row[row] : 0.f;
+    }
+
+    Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});   // (MMA, MMA_M, MMA_N)
+    Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
+    clear(acc_s);
+    clear(acc_dp);
+    gemm_smem_smem(acc_s, tSrQ, tSrK, ldsm_a_sdp.get_thread_slice(thread_idx).partition_S(sQ), tSsK, mma_sdp,
+                   ldsm_a_sdp, ldsm_b_sdp, thread_idx);
+    Tensor scores = acc_rowcol(acc_s);
+    if (mask.needs_masking(m_block, n_block)) mask.apply(scores, coords_s, m_block, n_block);
+    gemm_smem_smem(acc_dp, tdPrdO, tdPrV, ldsm_a_sdp.get_thread_slice(thread_idx).partition_S(sdO), tdPsV, mma_sdp,
+                   ldsm_a_sdp, ldsm_b_sdp, thread_idx);
+
+    // P = exp(scale·s − lse); dS = P ∘ (dP − delta).
+    Tensor dp = acc_rowcol(acc_dp);
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(scores); ++c) {
+        scores(r, c) = exp2f(scores(r, c) * scale_log2 - row_lse_log2[r]);
+        dp(r, c) = scores(r, c) * (dp(r, c) - row_delta[r]);
+      }
+    }
+    copy(store_pds, thr_store_pds.retile_S(convert_fragment<Element>(acc_s)), tPsP);
+    copy(store_pds, thr_store_pds.retile_S(convert_fragment<Element>(acc_dp)), tdSsdS);
+    __syncthreads();  // P and dS visible to every warp
+
+    gemm_smem_smem(acc_dv, tdVrPt, tdVrdOt, tdVsPt, ldsm_bt_dkv.get_thread_slice(thread_idx).partition_S(sdOt),
+                   mma_dkv, ldsm_at_dkv, ldsm_bt_dkv, thread_idx);
+    gemm_smem_smem(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, ldsm_bt_dkv.get_thread_slice(thread_idx).partition_S(sQt),
+                   mma_dkv, ldsm_at_dkv, ldsm_bt_dkv, thread_idx);
+    if constexpr (!kDoubleBufferQ) {
+      __syncthreads();  // every warp is done with Q and dO: the next tile loads during dQ
+      if (m_block + 1 < num_m_blocks) load_query_tile(m_block + 1, 0);
+      cp_async_fence();
+    }
+
+    Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_D)
+    clear(acc_dq);
+    gemm_smem_smem(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma_dq, ldsm_a_dq, ldsm_bt_dq, thread_idx);
+    // Deterministic mode: key tiles add into this query tile one at a time, in key-tile order.
+    // Key tile n waits only for key tiles < n of the same (batch, head), which the hardware
+    // scheduled before it (the grid walks x = n_block first).
+    int* semaphore = nullptr;
+    if (params.dq_semaphore != nullptr) {
+      const int counters = (p.seqlen_q + kDqSemaphoreRowsPerCounter - 1) / kDqSemaphoreRowsPerCounter;
+      semaphore = params.dq_semaphore + (int64_t(batch) * p.num_heads + head) * counters + m_block;
+      if (thread_idx == 0) {
+        while (*reinterpret_cast<volatile int*>(semaphore) != n_block) {
+        }
+      }
+      __syncthreads();
+    }
+    add_dq_tile(dq_accum + int64_t(m_block) * kBlockM * dq_row_stride, dq_row_stride, acc_rowcol(acc_dq),
+                coords_dq, p.seqlen_q - m_block * kBlockM);
+    if (semaphore != nullptr) {
+      __threadfence();
+      __syncthreads();
+      if (thread_idx == 0) atomicAdd(semaphore, 1);
+    }
+  }
+
+  // ---- Epilogue: dK = scale · Σ dSᵀQ and dV = Σ PᵀdO; rows past seqlen_k are not written ----
+  Tensor tdKVcdKV = thr_dkv.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  const int64_t dkv_offset = batch * params.dkv_batch_stride + head * params.dkv_head_stride +
+                             int64_t(n_block) * kBlockN * params.dkv_row_stride;
+  Element* dk = static_cast<Element*>(params.dk) + dkv_offset;
+  Element* dv = static_cast<Element*>(params.dv) + dkv_offset;
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_dk); ++i) {
+    const int key = get<0>(tdKVcdKV(i));
+    if (key < keys_in_tile) {
+      const int64_t offset = key * params.dkv_row_stride + get<1>(tdKVcdKV(i));
+      dk[offset] = Element(acc_dk(i) * p.softmax_scale);
+      dv[offset] = Element(acc_dv(i));
+    }
+  }
+}
+
+}  // namespace jax_flash

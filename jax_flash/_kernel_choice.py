@@ -1,0 +1,70 @@
+"""Whether a CUDA lowering runs our kernels or the blockwise XLA path, shared by the forward and
+backward primitives: the implementation asked for, the dtype, this build, the GPU, the head dim.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jax_flash import _extension
+from jax_flash._config import FlashConfig
+from jax_flash._validation import KERNEL_DTYPES, check_kernel_dtype
+
+# The kernels use instructions of Ampere (sm_80) and newer.
+MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+@functools.cache
+def _min_compute_capability() -> tuple[int, int] | None:
+    """The oldest visible CUDA GPU's compute capability; None when lowering for CUDA without one."""
+    try:
+        devices = jax.devices("cuda")
+    except RuntimeError:
+        return None
+    return min(tuple(int(part) for part in d.compute_capability.split(".")) for d in devices)
+
+
+def _kernel_head_dim(head_dim: int) -> int | None:
+    """The smallest compiled head dim that holds `head_dim`; inputs are zero-padded up to it."""
+    return min((d for d in _extension.kernel_head_dims() if d >= head_dim), default=None)
+
+
+def _why_kernel_cannot_run(head_dim: int) -> str | None:
+    """Why this install and GPU cannot run the kernels for half-precision inputs; None if they can."""
+    if not _extension.kernels_built():
+        return _extension.why_no_kernels()
+    capability = _min_compute_capability()
+    if capability is not None and capability < MIN_COMPUTE_CAPABILITY:
+        return (f"the GPU has compute capability {capability[0]}.{capability[1]} and the "
+                f"kernels need {MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]} or newer")
+    if _kernel_head_dim(head_dim) is None:
+        return (f"head_dim {head_dim} is larger than every head dim this build compiled "
+                f"{_extension.kernel_head_dims()}")
+    return None
+
+
+def kernel_head_dim_for(q_aval, config: FlashConfig) -> int | None:
+    """The compiled head dim to run q's attention at on CUDA, or None for the XLA path.
+
+    implementation="cuda" raises when the kernels cannot run; None (auto) warns once and falls back.
+    """
+    if config.implementation == "xla":
+        return None
+    if jnp.dtype(q_aval.dtype) not in KERNEL_DTYPES:
+        if config.implementation == "cuda":
+            check_kernel_dtype(q_aval.dtype)
+        return None
+    head_dim = q_aval.shape[3]
+    reason = _why_kernel_cannot_run(head_dim)
+    if reason is not None:
+        if config.implementation == "cuda":
+            raise RuntimeError(f"jax-flash: implementation='cuda' cannot run: {reason}")
+        _extension.warn_fallback_once(reason)
+        return None
+    return _kernel_head_dim(head_dim)
+
+
+def pad_head_dim(x, kernel_head_dim: int):
+    """Zero-pads the last axis to kernel_head_dim: dot products and P·V are unchanged."""
+    return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, kernel_head_dim - x.shape[-1]),))
