@@ -226,38 +226,44 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_kernel(const __gr
     copy(store_pds, thr_store_pds.retile_S(convert_fragment<Element>(acc_dp)), tdSsdS);
     __syncthreads();  // P and dS visible to every warp
 
+    // dQ = dS·K, added into dq_accum. Deterministic mode: key tiles add into this query tile one
+    // at a time, in key-tile order; key tile n waits only for key tiles < n of the same
+    // (batch, head), which the hardware scheduled before it (the grid walks x = n_block first).
+    auto add_dq = [&] {
+      Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_D)
+      clear(acc_dq);
+      gemm_smem_smem(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma_dq, ldsm_a_dq, ldsm_bt_dq, thread_idx);
+      int* semaphore = nullptr;
+      if (params.dq_semaphore != nullptr) {
+        const int counters = (p.seqlen_q + kDqSemaphoreRowsPerCounter - 1) / kDqSemaphoreRowsPerCounter;
+        semaphore = params.dq_semaphore + (int64_t(batch) * p.num_heads + head) * counters + m_block;
+        if (thread_idx == 0) {
+          while (*reinterpret_cast<volatile int*>(semaphore) != n_block) {
+          }
+        }
+        __syncthreads();
+      }
+      add_dq_tile(dq_accum + int64_t(m_block) * kBlockM * dq_row_stride, dq_row_stride, acc_rowcol(acc_dq),
+                  coords_dq, p.seqlen_q - m_block * kBlockM);
+      if (semaphore != nullptr) {
+        __threadfence();
+        __syncthreads();
+        if (thread_idx == 0) atomicAdd(semaphore, 1);
+      }
+    };
+
+    // With Q double-buffered, dQ goes first so that its atomics drain while the tensor cores
+    // compute dV and dK; otherwise last, so that the next Q and dO load while it runs.
+    if constexpr (kDoubleBufferQ) add_dq();
     gemm_smem_smem(acc_dv, tdVrPt, tdVrdOt, tdVsPt, ldsm_bt_dkv.get_thread_slice(thread_idx).partition_S(sdOt),
                    mma_dkv, ldsm_at_dkv, ldsm_bt_dkv, thread_idx);
     gemm_smem_smem(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, ldsm_bt_dkv.get_thread_slice(thread_idx).partition_S(sQt),
                    mma_dkv, ldsm_at_dkv, ldsm_bt_dkv, thread_idx);
     if constexpr (!kDoubleBufferQ) {
-      __syncthreads();  // every warp is done with Q and dO: the next tile loads during dQ
+      __syncthreads();  // every warp is done with Q and dO
       if (m_block + 1 < num_m_blocks) load_query_tile(m_block + 1, 0);
       cp_async_fence();
-    }
-
-    Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_D)
-    clear(acc_dq);
-    gemm_smem_smem(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma_dq, ldsm_a_dq, ldsm_bt_dq, thread_idx);
-    // Deterministic mode: key tiles add into this query tile one at a time, in key-tile order.
-    // Key tile n waits only for key tiles < n of the same (batch, head), which the hardware
-    // scheduled before it (the grid walks x = n_block first).
-    int* semaphore = nullptr;
-    if (params.dq_semaphore != nullptr) {
-      const int counters = (p.seqlen_q + kDqSemaphoreRowsPerCounter - 1) / kDqSemaphoreRowsPerCounter;
-      semaphore = params.dq_semaphore + (int64_t(batch) * p.num_heads + head) * counters + m_block;
-      if (thread_idx == 0) {
-        while (*reinterpret_cast<volatile int*>(semaphore) != n_block) {
-        }
-      }
-      __syncthreads();
-    }
-    add_dq_tile(dq_accum + int64_t(m_block) * kBlockM * dq_row_stride, dq_row_stride, acc_rowcol(acc_dq),
-                coords_dq, p.seqlen_q - m_block * kBlockM);
-    if (semaphore != nullptr) {
-      __threadfence();
-      __syncthreads();
-      if (thread_idx == 0) atomicAdd(semaphore, 1);
+      add_dq();
     }
   }
 
