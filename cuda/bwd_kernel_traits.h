@@ -53,12 +53,14 @@ struct BwdKernelTraits : Sm80Atoms<Element_, kHeadDim_, kNWarps_ * 32> {
   static constexpr int kSmemQBytes = int(cosize_v<SmemLayoutQ>) * int(sizeof(Element));
   static constexpr int kSmemKVBytes = int(cosize_v<SmemLayoutKV>) * int(sizeof(Element));
   static constexpr int kSmemPdSBytes = int(cosize_v<SmemLayoutPdS>) * int(sizeof(Element));
-  // Q and dO get a second buffer, so that the next query tile loads during the whole current one,
-  // where shared memory allows.
-  static constexpr bool kDoubleBufferQ = 4 * kSmemQBytes + 2 * kSmemKVBytes + 2 * kSmemPdSBytes <= kSmemBudgetBytes;
+  static constexpr int kSmemStatsBytes = 2 * kBlockM * int(sizeof(float));  // lse and delta of a query tile
+  // Q and dO (with their row statistics) get a second buffer, so that the next query tile loads
+  // during the whole current one, where shared memory allows.
+  static constexpr int kSmemStageBytes = 2 * kSmemQBytes + kSmemStatsBytes;
+  static constexpr int kSmemFixedBytes = 2 * kSmemKVBytes + 2 * kSmemPdSBytes;  // K, V, P, dS
+  static constexpr bool kDoubleBufferQ = 2 * kSmemStageBytes + kSmemFixedBytes <= kSmemBudgetBytes;
   static constexpr int kQStages = kDoubleBufferQ ? 2 : 1;
-  // Q and dO (each kQStages deep), K, V, P, dS.
-  static constexpr int kSmemBytes = 2 * kQStages * kSmemQBytes + 2 * kSmemKVBytes + 2 * kSmemPdSBytes;
+  static constexpr int kSmemBytes = kQStages * kSmemStageBytes + kSmemFixedBytes;
   static_assert(kSmemBytes <= kSmemBudgetBytes);
 };
 

@@ -90,6 +90,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_kernel(const __gr
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
   Tensor sP = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutPdS{});   // (kBlockM, kBlockN)
   Tensor sdS = make_tensor(sP.data() + size(sP), typename Traits::SmemLayoutPdS{});  // (kBlockM, kBlockN)
+  // lse and delta of each stage's query rows: [stage][lse, delta][kBlockM].
+  float* smem_stats = reinterpret_cast<float*>(raw_pointer_cast(sdS.data() + size(sdS)));
   Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutKt{});              // (d, kBlockN)
   Tensor sPt = make_tensor(sP.data(), typename Traits::SmemLayoutPdSt{});            // (kBlockN, kBlockM)
   Tensor sdSt = make_tensor(sdS.data(), typename Traits::SmemLayoutPdSt{});          // (kBlockN, kBlockM)
@@ -171,6 +173,19 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_kernel(const __gr
     Tensor tdOsdO = gmem_thr_copy.partition_D(q_stage(smem_do, stage));
     copy_rows</*kZeroFill=*/true>(gmem_copy, tQgQ(_, _, _, m_block), tQsQ, tQcQ, rows);
     copy_rows</*kZeroFill=*/true>(gmem_copy, tdOgdO(_, _, _, m_block), tdOsdO, tQcQ, rows);
+    // The row statistics travel with the tile, so the loop never waits on a global load. Rows
+    // past seqlen_q get lse -inf and delta 0.
+    static_assert(kBlockM <= Traits::kNThreads);
+    if (thread_idx < kBlockM) {
+      float* stats = smem_stats + stage * 2 * kBlockM + thread_idx;
+      if (thread_idx < rows) {
+        SM80_CP_ASYNC_CACHEALWAYS<float>::copy(lse_row[m_block * kBlockM + thread_idx], stats[0]);
+        SM80_CP_ASYNC_CACHEALWAYS<float>::copy(delta_row[m_block * kBlockM + thread_idx], stats[kBlockM]);
+      } else {
+        stats[0] = -INFINITY;
+        stats[kBlockM] = 0.f;
+      }
+    }
   };
   if (m_begin < num_m_blocks) load_query_tile(m_begin, 0);
   cp_async_fence();
@@ -189,16 +204,17 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_kernel(const __gr
       cp_async_fence();
     }
 
-    // lse·log2(e) and delta of this thread's rows. Rows past seqlen_q, and rows that see no key
-    // (lse = -inf), get +inf so that P is exactly 0.
+    // lse·log2(e) and delta of this thread's rows. Rows that see no key (lse = -inf) and rows
+    // past seqlen_q get +inf, so that P is exactly 0.
     constexpr int kRows = decltype(size<0>(coords_s))::value;
     float row_lse_log2[kRows], row_delta[kRows];
+    const float* stats = smem_stats + stage * 2 * kBlockM;
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      const int row = m_block * kBlockM + get<0>(coords_s(r, 0));
-      const float lse = row < p.seqlen_q ? lse_row[row] : -INFINITY;
+      const int row = get<0>(coords_s(r, 0));
+      const float lse = stats[row];
       row_lse_log2[r] = lse == -INFINITY ? INFINITY : lse * float(M_LOG2E);
-      row_delta[r] = row < p.seqlen_q ? delta_row[row] : 0.f;
+      row_delta[r] = stats[kBlockM + row];
     }
 
     Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});   // (MMA, MMA_M, MMA_N)
