@@ -141,3 +141,45 @@ def test_cpu_lowering_never_calls_the_kernel(pretend_build):
     hlo = jax.jit(jax_flash.flash_attention).trace(q, q, q).lower(
         lowering_platforms=("cpu",)).as_text()
     assert not _kernel_calls(hlo)
+
+
+# ---- the backward --------------------------------------------------------------------------------
+
+def _lower_grad_for_cuda(shape, dtype=jnp.bfloat16, **options) -> str:
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    loss = lambda q, k, v: jnp.sum(
+        jax_flash.flash_attention(q, k, v, **options).astype(jnp.float32))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return grad.trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _backward_calls(hlo: str) -> list[str]:
+    return [line for line in hlo.splitlines() if "custom_call @jax_flash_bwd(" in line]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_grad_calls_the_backward_kernel(pretend_build, deterministic):
+    pretend_build(head_dims=(64, 128))
+    hlo = _lower_grad_for_cuda((1, 33, 2, 40), causal=True, deterministic=deterministic)
+    (call,) = _backward_calls(hlo)
+    assert f"deterministic = {str(deterministic).lower()}" in call
+    assert "causal = true" in call
+    assert _float_attribute(call, "softmax_scale") == pytest.approx(40 ** -0.5, rel=1e-6)
+    # q, k, v, dout padded to 64; lse and delta [b, h, sq] in float32.
+    assert _operand_types(call) == ["tensor<1x33x2x64xbf16>"] * 4 + ["tensor<1x2x33xf32>"] * 2
+    # dq_accum in float32, dk and dv per query head, 3 semaphore counters for 33 rows.
+    assert re.search(r"-> \(tensor<1x33x2x64xf32>, tensor<1x33x2x64xbf16>, "
+                     r"tensor<1x33x2x64xbf16>, tensor<1x2x3xi32>\)", call)
+
+
+@pytest.mark.parametrize("setup", [dict(kernels=False), dict(capability=(7, 5))])
+def test_grad_falls_back_with_the_forward(pretend_build, setup):
+    pretend_build(**setup)
+    with pytest.warns(RuntimeWarning):
+        hlo = _lower_grad_for_cuda((1, 9, 2, 64))
+    assert not _backward_calls(hlo)
+
+
+def test_xla_implementation_never_calls_the_backward_kernel(pretend_build):
+    pretend_build()
+    assert not _backward_calls(_lower_grad_for_cuda((1, 9, 2, 64), implementation="xla"))
