@@ -5,17 +5,21 @@
 
 #include <cute/tensor.hpp>
 
+#include "dq_accumulate.h"
 #include "sm80_atoms.h"
 
 namespace jax_flash {
 
 using namespace cute;
 
-// Largest dynamic shared memory of one CTA on every supported GPU (A100: 163 KiB).
-constexpr int kSmemBudgetBytes = 163 * 1024;
+// Largest dynamic shared memory of one CTA: A100 163 KiB, H100 227 KiB.
+constexpr int kSm80SmemBudgetBytes = 163 * 1024;
+constexpr int kSm90SmemBudgetBytes = 227 * 1024;
 
+// kBulkDq: the SM90 variant, which adds dQ through a shared-memory staging tile and TMA bulk
+// reductions (see dq_accumulate.h) and may use the larger shared memory of SM90.
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kWarpsMSdP, int kWarpsNdKV, int kWarpsMdQ,
-          typename Element_>
+          typename Element_, bool kBulkDq_>
 struct BwdKernelTraits : Sm80Atoms<Element_, kHeadDim_, kNWarps_ * 32> {
   using Atoms = Sm80Atoms<Element_, kHeadDim_, kNWarps_ * 32>;
   using Element = Element_;
@@ -24,6 +28,8 @@ struct BwdKernelTraits : Sm80Atoms<Element_, kHeadDim_, kNWarps_ * 32> {
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = kNWarps * 32;
+  static constexpr bool kBulkDq = kBulkDq_;
+  static constexpr int kSmemBudgetBytes = kBulkDq ? kSm90SmemBudgetBytes : kSm80SmemBudgetBytes;
 
   template <int kWarpsM>
   using WarpGrid = TiledMMA<typename Atoms::MmaAtom, Layout<Shape<Int<kWarpsM>, Int<kNWarps / kWarpsM>, _1>>,
@@ -57,7 +63,9 @@ struct BwdKernelTraits : Sm80Atoms<Element_, kHeadDim_, kNWarps_ * 32> {
   // Q and dO (with their row statistics) get a second buffer, so that the next query tile loads
   // during the whole current one, where shared memory allows.
   static constexpr int kSmemStageBytes = 2 * kSmemQBytes + kSmemStatsBytes;
-  static constexpr int kSmemFixedBytes = 2 * kSmemKVBytes + 2 * kSmemPdSBytes;  // K, V, P, dS
+  using DqStaging = jax_flash::DqStaging<kBlockM, kHeadDim>;
+  static constexpr int kSmemDqBytes = kBulkDq ? DqStaging::kBytes : 0;
+  static constexpr int kSmemFixedBytes = 2 * kSmemKVBytes + 2 * kSmemPdSBytes + kSmemDqBytes;  // K, V, P, dS, dQ
   static constexpr bool kDoubleBufferQ = 2 * kSmemStageBytes + kSmemFixedBytes <= kSmemBudgetBytes;
   static constexpr int kQStages = kDoubleBufferQ ? 2 : 1;
   static constexpr int kSmemBytes = kQStages * kSmemStageBytes + kSmemFixedBytes;

@@ -10,6 +10,7 @@
 
 #include "attention_mask.h"
 #include "block_gemm.h"
+#include "dq_accumulate.h"
 #include "flash_params.h"
 #include "register_layouts.h"
 #include "tile_copy.h"
@@ -18,31 +19,8 @@ namespace jax_flash {
 
 using namespace cute;
 
-// dq_accum[rows, cols] += acc for the rows below num_rows; acc and coords are rows × cols views
-// whose neighbouring column pairs are adjacent in memory.
-template <typename Acc, typename Coords>
-__forceinline__ __device__ void add_dq_tile(float* dq_accum, int64_t row_stride, Acc const& acc, Coords const& coords,
-                                            int num_rows) {
-  CUTE_UNROLL
-  for (int r = 0; r < size<0>(acc); ++r) {
-    const int row = get<0>(coords(r, 0));
-    if (row >= num_rows) continue;
-    float* dst = dq_accum + row * row_stride;
-    CUTE_UNROLL
-    for (int c = 0; c < size<1>(acc); c += 2) {
-      const int col = get<1>(coords(r, c));
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      atomicAdd(reinterpret_cast<float2*>(dst + col), make_float2(acc(r, c), acc(r, c + 1)));
-#else
-      atomicAdd(dst + col, acc(r, c));
-      atomicAdd(dst + col + 1, acc(r, c + 1));
-#endif
-    }
-  }
-}
-
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_kernel(const __grid_constant__ FlashBwdParams params) {
+__forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -92,6 +70,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_kernel(const __gr
   Tensor sdS = make_tensor(sP.data() + size(sP), typename Traits::SmemLayoutPdS{});  // (kBlockM, kBlockN)
   // lse and delta of each stage's query rows: [stage][lse, delta][kBlockM].
   float* smem_stats = reinterpret_cast<float*>(raw_pointer_cast(sdS.data() + size(sdS)));
+  const typename Traits::DqStaging dq_staging{smem_stats + Traits::kQStages * 2 * kBlockM};  // SM90 only
   Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutKt{});              // (d, kBlockN)
   Tensor sPt = make_tensor(sP.data(), typename Traits::SmemLayoutPdSt{});            // (kBlockN, kBlockM)
   Tensor sdSt = make_tensor(sdS.data(), typename Traits::SmemLayoutPdSt{});          // (kBlockN, kBlockM)
@@ -240,7 +219,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_kernel(const __gr
     }
     copy(store_pds, thr_store_pds.retile_S(convert_fragment<Element>(acc_s)), tPsP);
     copy(store_pds, thr_store_pds.retile_S(convert_fragment<Element>(acc_dp)), tdSsdS);
-    __syncthreads();  // P and dS visible to every warp
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (Traits::kBulkDq) dq_staging.wait_read();
+#endif
+    __syncthreads();  // P and dS visible to every warp (and the dQ staging tile free)
 
     // dQ = dS·K, added into dq_accum. Deterministic mode: key tiles add into this query tile one
     // at a time, in key-tile order; key tile n waits only for key tiles < n of the same
@@ -253,18 +235,39 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_kernel(const __gr
       if (params.dq_semaphore != nullptr) {
         const int counters = (p.seqlen_q + kDqSemaphoreRowsPerCounter - 1) / kDqSemaphoreRowsPerCounter;
         semaphore = params.dq_semaphore + (int64_t(batch) * p.num_heads + head) * counters + m_block;
-        if (thread_idx == 0) {
+      }
+      auto wait_turn = [&] {
+        if (semaphore != nullptr && thread_idx == 0) {
           while (*reinterpret_cast<volatile int*>(semaphore) != n_block) {
           }
         }
-        __syncthreads();
-      }
-      add_dq_tile(dq_accum + int64_t(m_block) * kBlockM * dq_row_stride, dq_row_stride, acc_rowcol(acc_dq),
-                  coords_dq, p.seqlen_q - m_block * kBlockM);
-      if (semaphore != nullptr) {
+      };
+      auto pass_turn = [&] {
         __threadfence();
         __syncthreads();
         if (thread_idx == 0) atomicAdd(semaphore, 1);
+      };
+      float* dq_tile = dq_accum + int64_t(m_block) * kBlockM * dq_row_stride;
+      const int rows = p.seqlen_q - m_block * kBlockM;
+      if constexpr (Traits::kBulkDq) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        // The staging tile is free: the previous tile's reductions finished reading it before the
+        // barrier that published P and dS.
+        dq_staging.store(acc_rowcol(acc_dq), coords_dq);
+        dq_staging.fence();
+        wait_turn();
+        __syncthreads();
+        dq_staging.reduce(dq_tile, dq_row_stride, rows, thread_idx);
+        if (semaphore != nullptr) {
+          dq_staging.wait_done();
+          pass_turn();
+        }
+#endif
+      } else {
+        wait_turn();
+        if (semaphore != nullptr) __syncthreads();
+        add_dq_atomic(dq_tile, dq_row_stride, acc_rowcol(acc_dq), coords_dq, rows);
+        if (semaphore != nullptr) pass_turn();
       }
     };
 
@@ -298,6 +301,18 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_kernel(const __gr
       dv[offset] = Element(acc_dv(i));
     }
   }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (Traits::kBulkDq) dq_staging.wait_done();  // shared memory must outlive the reductions
+#endif
+}
+
+// Each variant is compiled only for the architectures it runs on (the launcher picks the one
+// whose binary matches the device): the bulk-dQ variant for SM90, the atomic one below it.
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_kernel(const __grid_constant__ FlashBwdParams params) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (Traits::kBulkDq == (__CUDA_ARCH__ >= 900)) flash_bwd_key_tile<Traits>(params);
+#endif
 }
 
 }  // namespace jax_flash

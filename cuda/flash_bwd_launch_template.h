@@ -11,11 +11,14 @@
 
 namespace jax_flash {
 
-template <int kHeadDim, typename Element>
-cudaError_t run_flash_bwd_hdim(const FlashBwdParams& params, cudaStream_t stream) {
-  using Tile = BwdTileSize<kHeadDim>;
-  using Traits = BwdKernelTraits<kHeadDim, Tile::kBlockM, Tile::kBlockN, Tile::kNWarps, Tile::kWarpsMSdP,
-                                 Tile::kWarpsNdKV, Tile::kWarpsMdQ, Element>;
+template <int kHeadDim, typename Element, bool kBulkDq>
+using BwdTraitsFor = BwdKernelTraits<kHeadDim, BwdTileSize<kHeadDim>::kBlockM, BwdTileSize<kHeadDim>::kBlockN,
+                                     BwdTileSize<kHeadDim>::kNWarps, BwdTileSize<kHeadDim>::kWarpsMSdP,
+                                     BwdTileSize<kHeadDim>::kWarpsNdKV, BwdTileSize<kHeadDim>::kWarpsMdQ, Element,
+                                     kBulkDq>;
+
+template <typename Traits>
+cudaError_t launch_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
   auto kernel = &flash_bwd_kernel<Traits>;
   constexpr int kSmemBytes = Traits::kSmemBytes;
   if constexpr (kSmemBytes > 48 * 1024) {
@@ -27,6 +30,18 @@ cudaError_t run_flash_bwd_hdim(const FlashBwdParams& params, cudaStream_t stream
   const dim3 grid((p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, p.num_heads, p.batch);
   kernel<<<grid, Traits::kNThreads, kSmemBytes, stream>>>(params);
   return cudaGetLastError();
+}
+
+// The SM90 variant where the code the device runs was compiled for SM90 (ptxVersion is the
+// __CUDA_ARCH__ it was compiled with); the SM80 variant everywhere else.
+template <int kHeadDim, typename Element>
+cudaError_t run_flash_bwd_hdim(const FlashBwdParams& params, cudaStream_t stream) {
+  using Sm90Traits = BwdTraitsFor<kHeadDim, Element, true>;
+  cudaFuncAttributes attributes;
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, &flash_bwd_kernel<Sm90Traits>);
+  if (status != cudaSuccess) return status;
+  if (attributes.ptxVersion >= 90) return launch_flash_bwd<Sm90Traits>(params, stream);
+  return launch_flash_bwd<BwdTraitsFor<kHeadDim, Element, false>>(params, stream);
 }
 
 }  // namespace jax_flash
