@@ -1,6 +1,6 @@
 // XLA FFI handler of the attention backward pass: checks the buffers XLA hands over, zeroes the
-// dq accumulator (and the deterministic mode's counters), fills FlashBwdParams and launches the
-// kernel on XLA's stream. Every failure becomes an ffi::Error.
+// dq accumulator workspace (and the deterministic mode's counters), fills FlashBwdParams and
+// launches the kernels on XLA's stream. Every failure becomes an ffi::Error.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -27,9 +27,11 @@ bool HasShape(const Buffer& buffer, std::initializer_list<int64_t> shape) {
 
 ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> delta,
-                        ffi::ResultBuffer<ffi::F32> dq_accum_result, ffi::Result<ffi::AnyBuffer> dk_result,
-                        ffi::Result<ffi::AnyBuffer> dv_result, ffi::ResultBuffer<ffi::S32> dq_semaphore_result,
-                        float softmax_scale, bool causal, bool deterministic) {
+                        ffi::Result<ffi::AnyBuffer> dq_result, ffi::Result<ffi::AnyBuffer> dk_result,
+                        ffi::Result<ffi::AnyBuffer> dv_result, ffi::ResultBuffer<ffi::F32> dq_accum_result,
+                        ffi::ResultBuffer<ffi::S32> dq_semaphore_result, float softmax_scale, bool causal,
+                        bool deterministic) {
+  const ffi::AnyBuffer dq = *dq_result;
   const ffi::Buffer<ffi::F32> dq_accum = *dq_accum_result;
   const ffi::AnyBuffer dk = *dk_result;
   const ffi::AnyBuffer dv = *dv_result;
@@ -44,7 +46,11 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   FLASH_CHECK(kTarget, HasShape(lse, {batch, num_heads, seqlen_q}), lse, "[batch, num_heads, seqlen_q] " + q_shape);
   FLASH_CHECK(kTarget, HasShape(delta, {batch, num_heads, seqlen_q}), delta,
               "[batch, num_heads, seqlen_q] " + q_shape);
-  FLASH_CHECK(kTarget, HasShape(dq_accum, {batch, seqlen_q, num_heads, head_dim}), dq_accum, "the shape " + q_shape);
+  FLASH_CHECK(kTarget, dq.element_type() == q.element_type() && HasShape(dq, {batch, seqlen_q, num_heads, head_dim}),
+              dq, "the shape and dtype " + q_shape);
+  FLASH_CHECK(kTarget, HasShape(dq_accum, {batch, num_heads, dq_accum_rows(seqlen_q), head_dim}), dq_accum,
+              "[batch, num_heads, seqlen_q rounded up to a multiple of " + std::to_string(kDqAccumRowsMultiple) +
+                  ", head_dim] " + q_shape);
   const std::string dkv_expected = "[batch, seqlen_k, num_heads, head_dim] (one per query head) in the dtype " + q_shape;
   FLASH_CHECK(kTarget, dk.element_type() == q.element_type() && HasShape(dk, {batch, seqlen_k, num_heads, head_dim}),
               dk, dkv_expected);
@@ -59,6 +65,7 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   params.fwd.lse = const_cast<float*>(lse.typed_data());  // read only by the backward
   params.dout = dout.untyped_data();
   params.delta = delta.typed_data();
+  params.dq = dq.untyped_data();
   params.dq_accum = dq_accum.typed_data();
   params.dk = dk.untyped_data();
   params.dv = dv.untyped_data();
@@ -89,9 +96,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBwd, jax_flash::FlashBwdImpl,
                                   .Arg<xla::ffi::AnyBuffer>()  // dout [b, sq, h, d], dtype of q
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // lse [b, h, sq]
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // delta [b, h, sq]
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // dq_accum [b, sq, h, d]
+                                  .Ret<xla::ffi::AnyBuffer>()  // dq [b, sq, h, d], dtype of q
                                   .Ret<xla::ffi::AnyBuffer>()  // dk [b, sk, h, d], dtype of q
                                   .Ret<xla::ffi::AnyBuffer>()  // dv [b, sk, h, d], dtype of q
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // dq_accum [b, h, ⌈sq⌉128, d]
                                   .Ret<xla::ffi::Buffer<xla::ffi::S32>>()  // dq_semaphore
                                   .Attr<float>("softmax_scale")  // logits = scale * q.k
                                   .Attr<bool>("causal")          // mask j > i + sk - sq

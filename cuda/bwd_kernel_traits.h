@@ -6,6 +6,7 @@
 #include <cute/tensor.hpp>
 
 #include "dq_accumulate.h"
+#include "flash_params.h"
 #include "sm80_atoms.h"
 
 namespace jax_flash {
@@ -63,7 +64,8 @@ struct BwdKernelTraits : Sm80Atoms<Element_, kHeadDim_, kNWarps_ * 32> {
   // Q and dO (with their row statistics) get a second buffer, so that the next query tile loads
   // during the whole current one, where shared memory allows.
   static constexpr int kSmemStageBytes = 2 * kSmemQBytes + kSmemStatsBytes;
-  using DqStaging = jax_flash::DqStaging<kBlockM, kHeadDim>;
+  static_assert(kDqAccumRowsMultiple % kBlockM == 0, "dq_accum is allocated in whole query tiles");
+  using DqStaging = jax_flash::DqStaging<kBlockM, kHeadDim, kNThreads>;
   static constexpr int kSmemDqBytes = kBulkDq ? DqStaging::kBytes : 0;
   static constexpr int kSmemFixedBytes = 2 * kSmemKVBytes + 2 * kSmemPdSBytes + kSmemDqBytes;  // K, V, P, dS, dQ
   static constexpr bool kDoubleBufferQ = 2 * kSmemStageBytes + kSmemFixedBytes <= kSmemBudgetBytes;

@@ -1,8 +1,13 @@
-// How a key tile adds its share of dQ for one query tile into the float32 dq_accum buffer.
-// SM80: red.global.add straight from the MMA registers. SM90: the tile is staged in shared memory
-// and added by the TMA unit (cp.reduce.async.bulk), one row per thread, so that the reductions
-// leave the load/store pipe that feeds the tensor cores (on SM80 they took ~17% of the stall samples
-// of the backward at d 128 on an H200).
+// How a key tile adds its share of dQ for one query tile into the float32 dq_accum workspace, and
+// how dq is read back out of it.
+//
+// A query tile's dq_accum is one contiguous block of kBlockM·d floats, holding the dQ MMA's
+// accumulators in thread order: float4 chunk c of thread t at chunk index c·kNThreads + t (so a
+// warp's chunks are adjacent). Every key tile adds its whole block at once: on SM90 the tile is
+// staged in shared memory in that order and added by the TMA unit in one bulk reduction, which
+// keeps the reductions off the load/store pipe that feeds the tensor cores (+33% backward at d128
+// on an H200 over per-thread atomics); on SM80 with red.global.add from registers. Afterwards
+// convert_dq scales each tile's block and scatters it into dq's [seqlen, heads, d] rows.
 #pragma once
 
 #include <cstdint>
@@ -13,48 +18,44 @@ namespace jax_flash {
 
 using namespace cute;
 
-// dq_accum[rows, cols] += acc for the rows below num_rows; acc and coords are rows × cols views
-// whose neighbouring column pairs are adjacent in memory.
-template <typename Acc, typename Coords>
-__forceinline__ __device__ void add_dq_atomic(float* dq_accum, int64_t row_stride, Acc const& acc,
-                                              Coords const& coords, int num_rows) {
+template <int kBlockM, int kHeadDim, int kNThreads>
+struct DqTileLayout {
+  static constexpr int kFloats = kBlockM * kHeadDim;
+  static constexpr int kChunksPerThread = kFloats / kNThreads / 4;
+  static_assert(kFloats % (4 * kNThreads) == 0, "each thread holds whole float4 chunks of the dQ tile");
+
+  __forceinline__ __device__ static int chunk_offset(int chunk, int thread_idx) {
+    return (chunk * kNThreads + thread_idx) * 4;
+  }
+};
+
+// acc: this thread's dQ accumulators (any register tensor of kBlockM·d / kNThreads floats).
+template <int kBlockM, int kHeadDim, int kNThreads, typename Acc>
+__forceinline__ __device__ void add_dq_atomic(float* dq_tile, Acc const& acc, int thread_idx) {
+  using Tile = DqTileLayout<kBlockM, kHeadDim, kNThreads>;
+  static_assert(decltype(size(acc))::value == 4 * Tile::kChunksPerThread);
   CUTE_UNROLL
-  for (int r = 0; r < size<0>(acc); ++r) {
-    const int row = get<0>(coords(r, 0));
-    if (row >= num_rows) continue;
-    float* dst = dq_accum + row * row_stride;
+  for (int c = 0; c < Tile::kChunksPerThread; ++c) {
+    float* dst = dq_tile + Tile::chunk_offset(c, thread_idx);
     CUTE_UNROLL
-    for (int c = 0; c < size<1>(acc); c += 2) {
-      const int col = get<1>(coords(r, c));
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      atomicAdd(reinterpret_cast<float2*>(dst + col), make_float2(acc(r, c), acc(r, c + 1)));
-#else
-      atomicAdd(dst + col, acc(r, c));
-      atomicAdd(dst + col + 1, acc(r, c + 1));
-#endif
-    }
+    for (int j = 0; j < 4; ++j) atomicAdd(dst + j, acc(4 * c + j));
   }
 }
 
-// Shared-memory staging of one (kBlockM, kHeadDim) float tile. Rows are padded by 8 floats, so the
-// 8 rows that one warp's float2 stores touch fall on distinct banks; each row stays 16-byte aligned
-// for the bulk copy.
-template <int kBlockM, int kHeadDim>
+// The shared-memory staging tile of the SM90 path, in dq_accum's order.
+template <int kBlockM, int kHeadDim, int kNThreads>
 struct DqStaging {
-  static constexpr int kRowStride = kHeadDim + 8;
-  static constexpr int kBytes = kBlockM * kRowStride * int(sizeof(float));
+  using Tile = DqTileLayout<kBlockM, kHeadDim, kNThreads>;
+  static constexpr int kBytes = Tile::kFloats * int(sizeof(float));
 
   float* smem;
 
-  template <typename Acc, typename Coords>
-  __forceinline__ __device__ void store(Acc const& acc, Coords const& coords) const {
+  template <typename Acc>
+  __forceinline__ __device__ void store(Acc const& acc, int thread_idx) const {
     CUTE_UNROLL
-    for (int r = 0; r < size<0>(acc); ++r) {
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(acc); c += 2) {
-        const int row = get<0>(coords(r, c)), col = get<1>(coords(r, c));
-        *reinterpret_cast<float2*>(smem + row * kRowStride + col) = make_float2(acc(r, c), acc(r, c + 1));
-      }
+    for (int c = 0; c < Tile::kChunksPerThread; ++c) {
+      *reinterpret_cast<float4*>(smem + Tile::chunk_offset(c, thread_idx)) =
+          make_float4(acc(4 * c), acc(4 * c + 1), acc(4 * c + 2), acc(4 * c + 3));
     }
   }
 
@@ -62,21 +63,20 @@ struct DqStaging {
   // Makes this thread's stores visible to the TMA unit; a barrier must follow before reduce().
   __forceinline__ __device__ static void fence() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
-  // Thread t < num_rows adds row t into dq_accum (rows row_stride floats apart).
-  __forceinline__ __device__ void reduce(float* dq_accum, int64_t row_stride, int num_rows, int thread_idx) const {
-    if (thread_idx >= num_rows || thread_idx >= kBlockM) return;
-    const uint32_t src = static_cast<uint32_t>(__cvta_generic_to_shared(smem + thread_idx * kRowStride));
+  // One thread adds the whole staged tile into dq_tile.
+  __forceinline__ __device__ void reduce(float* dq_tile) const {
+    const uint32_t src = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
     asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;"
                  :
-                 : "l"(dq_accum + thread_idx * row_stride), "r"(src), "n"(kHeadDim * int(sizeof(float)))
+                 : "l"(dq_tile), "r"(src), "n"(kBytes)
                  : "memory");
     asm volatile("cp.async.bulk.commit_group;" ::: "memory");
   }
 
-  // The issuing threads' reductions have read the staging buffer (it may be overwritten after a
+  // The issuing thread's reductions have read the staging tile (it may be overwritten after a
   // barrier).
   __forceinline__ __device__ static void wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
-  // The issuing threads' reductions are complete in global memory.
+  // The issuing thread's reductions are complete in global memory.
   __forceinline__ __device__ static void wait_done() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
 #endif
 };

@@ -57,8 +57,7 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
   const int64_t stats_offset = (int64_t(batch) * p.num_heads + head) * p.seqlen_q;
   const float* lse_row = p.lse + stats_offset;
   const float* delta_row = params.delta + stats_offset;
-  const int64_t dq_row_stride = int64_t(p.num_heads) * kHeadDim;
-  float* dq_accum = params.dq_accum + (int64_t(batch) * p.seqlen_q * p.num_heads + head) * kHeadDim;
+  float* dq_accum = params.dq_accum + (int64_t(batch) * p.num_heads + head) * dq_accum_rows(p.seqlen_q) * kHeadDim;
 
   // ---- Shared memory: Q and dO (kQStages each), K, V, P, dS ----
   using SmemLayoutQ = typename Traits::SmemLayoutQ;
@@ -136,9 +135,7 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
 
   // (row, col) in the tile of every S/dP and dQ element this thread holds, as rows × cols.
   Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
-  Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor coords_s = make_tensor(tScS.data(), acc_rowcol_layout(tScS.layout()));
-  Tensor coords_dq = make_tensor(tdQcdQ.data(), acc_rowcol_layout(tdQcdQ.layout()));
   const float scale_log2 = p.softmax_scale * float(M_LOG2E);
 
   // ---- Prologue: K and V once, the first query tile ----
@@ -220,7 +217,7 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
     copy(store_pds, thr_store_pds.retile_S(convert_fragment<Element>(acc_s)), tPsP);
     copy(store_pds, thr_store_pds.retile_S(convert_fragment<Element>(acc_dp)), tdSsdS);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if constexpr (Traits::kBulkDq) dq_staging.wait_read();
+    if constexpr (Traits::kBulkDq) dq_staging.wait_read();  // a no-op but in the issuing thread
 #endif
     __syncthreads();  // P and dS visible to every warp (and the dQ staging tile free)
 
@@ -237,37 +234,38 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
         semaphore = params.dq_semaphore + (int64_t(batch) * p.num_heads + head) * counters + m_block;
       }
       auto wait_turn = [&] {
-        if (semaphore != nullptr && thread_idx == 0) {
-          while (*reinterpret_cast<volatile int*>(semaphore) != n_block) {
-          }
+        while (*reinterpret_cast<volatile int*>(semaphore) != n_block) {
         }
       };
-      auto pass_turn = [&] {
-        __threadfence();
-        __syncthreads();
-        if (thread_idx == 0) atomicAdd(semaphore, 1);
-      };
-      float* dq_tile = dq_accum + int64_t(m_block) * kBlockM * dq_row_stride;
-      const int rows = p.seqlen_q - m_block * kBlockM;
+      float* dq_tile = dq_accum + int64_t(m_block) * kBlockM * kHeadDim;
       if constexpr (Traits::kBulkDq) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        // The staging tile is free: the previous tile's reductions finished reading it before the
+        // The staging tile is free: the previous tile's reduction finished reading it before the
         // barrier that published P and dS.
-        dq_staging.store(acc_rowcol(acc_dq), coords_dq);
+        dq_staging.store(acc_dq, thread_idx);
         dq_staging.fence();
-        wait_turn();
         __syncthreads();
-        dq_staging.reduce(dq_tile, dq_row_stride, rows, thread_idx);
-        if (semaphore != nullptr) {
-          dq_staging.wait_done();
-          pass_turn();
+        if (thread_idx == 0) {
+          if (semaphore != nullptr) wait_turn();
+          dq_staging.reduce(dq_tile);
+          if (semaphore != nullptr) {
+            dq_staging.wait_done();
+            __threadfence();
+            atomicAdd(semaphore, 1);
+          }
         }
 #endif
       } else {
-        wait_turn();
-        if (semaphore != nullptr) __syncthreads();
-        add_dq_atomic(dq_tile, dq_row_stride, acc_rowcol(acc_dq), coords_dq, rows);
-        if (semaphore != nullptr) pass_turn();
+        if (semaphore != nullptr) {
+          if (thread_idx == 0) wait_turn();
+          __syncthreads();
+        }
+        add_dq_atomic<kBlockM, kHeadDim, Traits::kNThreads>(dq_tile, acc_dq, thread_idx);
+        if (semaphore != nullptr) {
+          __threadfence();
+          __syncthreads();
+          if (thread_idx == 0) atomicAdd(semaphore, 1);
+        }
       }
     };
 
@@ -302,7 +300,7 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
     }
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (Traits::kBulkDq) dq_staging.wait_done();  // shared memory must outlive the reductions
+  if constexpr (Traits::kBulkDq) dq_staging.wait_done();  // shared memory must outlive the reduction
 #endif
 }
 

@@ -1,10 +1,12 @@
 // Launch of the backward kernel for one head dim and element type (instantiated per head dim in
-// instantiations/). The caller zero-fills dq_accum (and dq_semaphore when it is set).
+// instantiations/): the backward kernel, then dq out of the float32 workspace. The caller zero-fills
+// dq_accum (and dq_semaphore when it is set).
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include "bwd_kernel_traits.h"
+#include "flash_bwd_convert_dq.h"
 #include "flash_bwd_kernel.h"
 #include "flash_params.h"
 #include "tile_sizes.h"
@@ -29,6 +31,8 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) 
   const FlashFwdParams& p = params.fwd;
   const dim3 grid((p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, p.num_heads, p.batch);
   kernel<<<grid, Traits::kNThreads, kSmemBytes, stream>>>(params);
+  const dim3 convert_grid((p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, p.num_heads, p.batch);
+  convert_dq_kernel<Traits><<<convert_grid, Traits::kNThreads, 0, stream>>>(params);
   return cudaGetLastError();
 }
 

@@ -97,7 +97,8 @@ cudaError_t run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
 
 cudaError_t run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
   const FlashFwdParams& p = params.fwd;
-  if (!params_are_valid(p) || !params.dout || !params.delta || !params.dq_accum || !params.dk || !params.dv) {
+  if (!params_are_valid(p) || !params.dout || !params.delta || !params.dq || !params.dq_accum || !params.dk ||
+      !params.dv) {
     return cudaErrorInvalidValue;
   }
   const int64_t semaphore_counters = (p.seqlen_q + kDqSemaphoreRowsPerCounter - 1) / kDqSemaphoreRowsPerCounter;
@@ -106,7 +107,8 @@ cudaError_t run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
     slice.fwd = fwd_batch_slice(p, first, count);
     slice.dout = static_cast<const char*>(params.dout) + first * p.out_batch_stride * kElementBytes;
     slice.delta = params.delta + first * p.num_heads * p.seqlen_q;
-    slice.dq_accum = params.dq_accum + first * p.seqlen_q * p.num_heads * p.head_dim;
+    slice.dq = static_cast<char*>(params.dq) + first * p.q_batch_stride * kElementBytes;
+    slice.dq_accum = params.dq_accum + first * p.num_heads * dq_accum_rows(p.seqlen_q) * p.head_dim;
     slice.dk = static_cast<char*>(params.dk) + first * params.dkv_batch_stride * kElementBytes;
     slice.dv = static_cast<char*>(params.dv) + first * params.dkv_batch_stride * kElementBytes;
     if (params.dq_semaphore) slice.dq_semaphore = params.dq_semaphore + first * p.num_heads * semaphore_counters;

@@ -40,8 +40,9 @@ struct FlashBwdParams {
   FlashFwdParams fwd;
   const void* dout;     // [batch, seqlen_q, num_heads, head_dim], strides of out
   const float* delta;   // [batch, num_heads, seqlen_q]: rowsum(dout ∘ out) − dlse
-  float* dq_accum;      // [batch, seqlen_q, num_heads, head_dim] contiguous, zeroed; gets dS·K
-                        // (dq = softmax_scale · dq_accum)
+  void* dq;             // [batch, seqlen_q, num_heads, head_dim], strides of q: softmax_scale · Σ dS·K
+  float* dq_accum;      // workspace [batch, num_heads, round_up(seqlen_q, kDqAccumRowsMultiple), head_dim],
+                        // zeroed: Σ dS·K, each query tile's values in the order the kernel's threads hold them
   void* dk;             // [batch, seqlen_k, num_heads, head_dim]
   void* dv;             // [batch, seqlen_k, num_heads, head_dim], strides of dk
   int64_t dkv_batch_stride, dkv_row_stride, dkv_head_stride;
@@ -53,5 +54,10 @@ struct FlashBwdParams {
 
 // Query rows per dq_semaphore counter: at most the smallest query tile of any backward kernel.
 constexpr int kDqSemaphoreRowsPerCounter = 16;
+// dq_accum rows are allocated in multiples of this, a multiple of every backward query tile.
+constexpr int kDqAccumRowsMultiple = 128;
+constexpr int64_t dq_accum_rows(int64_t seqlen_q) {
+  return (seqlen_q + kDqAccumRowsMultiple - 1) / kDqAccumRowsMultiple * kDqAccumRowsMultiple;
+}
 
 }  // namespace jax_flash
