@@ -12,13 +12,22 @@ from jax.interpreters import ad
 
 from jax_flash._bwd_primitive import flash_bwd_p
 from jax_flash._config import FlashConfig
+from jax_flash._dropout import dropout_seed
 from jax_flash._fwd_primitive import flash_fwd_p
+from jax_flash._kernel_choice import check_kernel_features
+from jax_flash._sinks import add_sinks, sinks_grad
 from jax_flash._validation import (
+    check_alibi_slopes,
+    check_broadcastable,
+    check_dropout,
     check_flag,
     check_implementation,
     check_kernel_dtype,
     check_qkv,
+    check_sinks,
+    check_softcap,
     check_softmax_scale,
+    check_window_size,
 )
 
 
@@ -31,37 +40,59 @@ RESIDUAL_NAMES = ("flash_attention_q", "flash_attention_k", "flash_attention_v",
 
 
 def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=False,
-                    implementation=None, deterministic=False):
+                    implementation=None, deterministic=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, mask=None, bias=None, dropout_rate=0.0, dropout_rng=None,
+                    sinks=None):
     """Scaled dot-product attention, softmax(q k^T * softmax_scale) v, without the score matrix.
 
     Args:
       q: [batch, seqlen_q, heads, head_dim] queries.
-      k: [batch, seqlen_k, heads, head_dim] keys.
-      v: [batch, seqlen_k, heads, head_dim] values. q, k and v share one dtype: float16, bfloat16,
-        float32 (or float64 with x64 enabled); head_dim is at most 256.
+      k: [batch, seqlen_k, kv_heads, head_dim] keys; kv_heads divides heads (grouped-query and,
+        with one kv head, multi-query attention): query head i uses kv head
+        i // (heads // kv_heads).
+      v: [batch, seqlen_k, kv_heads, head_dim] values. q, k and v share one dtype: float16,
+        bfloat16, float32 (or float64 with x64 enabled); head_dim is at most 256.
       causal: query i sees key j iff j <= i + seqlen_k - seqlen_q (aligned to the bottom right, as
         FlashAttention 2.1 and later). A query that sees no key (seqlen_q > seqlen_k) gets out = 0
         and lse = -inf, the log of an empty sum.
       softmax_scale: multiplies the scores; default 1 / sqrt(head_dim).
       return_lse: also return lse, the log-sum-exp of each row of scaled scores.
-      implementation: None picks the CUDA kernel where it can run (a CUDA GPU of compute capability
-        8.0 or newer, an install built with the kernels, float16 or bfloat16 inputs) and the XLA
-        path otherwise; "cuda" insists on the kernel and raises where it cannot run; "xla" takes
-        the pure-JAX blockwise path on every platform. It chooses the forward pass; the
-        backward pass is the pure-JAX one everywhere for now.
-      deterministic: make the backward pass bitwise reproducible from run to run. Today's
-        pure-JAX backward always is; the flag is for the CUDA backward kernel to come, whose
-        default reduces dq with atomics (faster, not bitwise reproducible).
+      implementation: None picks the CUDA kernels where they can run (a CUDA GPU of compute
+        capability 8.0 or newer, an install built with the kernels, float16 or bfloat16 inputs,
+        no feature below but grouped-query attention and sinks) and the XLA path otherwise;
+        "cuda" insists on the kernels and raises where they cannot run, naming the features they
+        lack; "xla" takes the pure-JAX blockwise path on every platform. The choice holds for
+        the forward and the backward pass alike.
+      deterministic: make the backward pass bitwise reproducible from run to run: the CUDA
+        backward kernel then sums dq in a fixed order instead of with atomics. The pure-JAX
+        backward always is.
+      window_size: (left, right), sliding-window attention: query i sees key j iff
+        i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right; -1 leaves a side
+        unbounded. Combines with causal (which bounds the right side at 0).
+      softcap: above 0, the scaled scores s become softcap * tanh(s / softcap) (Gemma 2).
+      alibi_slopes: float [heads] or [batch, heads]: adds -slope * |i + seqlen_k - seqlen_q - j|
+        to the scores (ALiBi, aligned like causal).
+      mask: boolean, broadcastable to [batch, heads, seqlen_q, seqlen_k] as in
+        jax.nn.dot_product_attention: True where query i may attend to key j.
+      bias: float, broadcastable to [batch, heads, seqlen_q, seqlen_k], added to the scores after
+        softcap and ALiBi.
+      dropout_rate: the probability in [0, 1) of dropping each attention probability; the kept
+        ones are scaled by 1 / (1 - dropout_rate). 0 does no random-number work at all.
+      dropout_rng: a JAX PRNG key, needed when dropout_rate > 0. The same key gives the same
+        mask, forward and backward. The XLA path draws its own mask (see _dropout); the CUDA
+        kernel, when it gains dropout, will draw a different one from the same key.
+      sinks: float [heads]: one logit per query head that joins each row's softmax denominator
+        and contributes no value (attention sinks, as in gpt-oss); lse includes it.
 
     Returns:
       out [batch, seqlen_q, heads, head_dim] in q's dtype, or (out, lse) with lse float32
       [batch, heads, seqlen_q] when return_lse is set.
 
-    Reverse mode (jax.grad, jax.vjp) works, with respect to q, k and v and through out and lse
-    alike, in O(seqlen) memory: the backward recomputes the scores a tile at a time from the
-    residuals named in RESIDUAL_NAMES. Forward mode (jax.jvp, jax.jacfwd) raises JAX's TypeError
-    for functions with a custom VJP, and derivatives of the gradient (jax.hessian, grad of grad)
-    raise NotImplementedError.
+    Reverse mode (jax.grad, jax.vjp) works, with respect to q, k, v, bias, alibi_slopes and sinks
+    and through out and lse alike, in O(seqlen) memory: the backward recomputes the scores a tile
+    at a time from the residuals named in RESIDUAL_NAMES. Forward mode (jax.jvp, jax.jacfwd)
+    raises JAX's TypeError for functions with a custom VJP, and derivatives of the gradient
+    (jax.hessian, grad of grad) raise NotImplementedError.
     """
     q, k, v = (_as_array(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
     check_qkv(q, k, v)
@@ -70,13 +101,43 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
         check_kernel_dtype(q.dtype)
     scale = check_softmax_scale(softmax_scale)
     return_lse = check_flag("return_lse", return_lse)
+    batch, seqlen_q, heads, head_dim = q.shape
+    scores_shape = (batch, heads, seqlen_q, k.shape[1])
+    extras = {}
+    if alibi_slopes is not None:
+        alibi_slopes = _as_array("alibi_slopes", alibi_slopes)
+        check_alibi_slopes(alibi_slopes, batch, heads)
+        extras["alibi_slopes"] = jnp.broadcast_to(alibi_slopes.astype(jnp.float32),
+                                                  (batch, heads))
+    for name, x, kind in (("mask", mask, jnp.bool_), ("bias", bias, jnp.floating)):
+        if x is not None:
+            x = _as_array(name, x)
+            check_broadcastable(name, x, scores_shape, kind)
+            extras[name] = x.reshape((1,) * (4 - x.ndim) + x.shape)
+    rate = check_dropout(dropout_rate, None if dropout_rng is None else
+                         _as_array("dropout_rng", dropout_rng))
+    if rate > 0:
+        extras["dropout_seed"] = dropout_seed(dropout_rng, batch)
+    if sinks is not None:
+        sinks = _as_array("sinks", sinks)
+        check_sinks(sinks, heads)
+        sinks = sinks.astype(jnp.float32)
     config = FlashConfig(
         causal=check_flag("causal", causal),
-        softmax_scale=1.0 / math.sqrt(q.shape[3]) if scale is None else scale,
+        softmax_scale=1.0 / math.sqrt(head_dim) if scale is None else scale,
         implementation=implementation,
         deterministic=check_flag("deterministic", deterministic),
+        window_size=check_window_size(window_size),
+        softcap=check_softcap(softcap),
+        dropout_rate=rate,
+        has_alibi_slopes="alibi_slopes" in extras,
+        has_mask="mask" in extras,
+        has_bias="bias" in extras,
     )
-    out, lse = _attention(q, k, v, config)
+    if implementation == "cuda":
+        check_kernel_features(config)
+    out, lse = _attention(q, k, v, tuple(extras[name] for name in config.extra_operand_names()),
+                          sinks, config)
     return (out, lse) if return_lse else out
 
 
@@ -90,21 +151,39 @@ def _as_array(name: str, x):
 
 # ---- differentiation -------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q, k, v, config: FlashConfig):
-    return tuple(flash_fwd_p.bind(q, k, v, config=config))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, extras, sinks, config: FlashConfig):
+    return _forward(q, k, v, extras, sinks, config)
 
 
-def _attention_fwd(q, k, v, config: FlashConfig):
-    out, lse = flash_fwd_p.bind(q, k, v, config=config)
+def _forward(q, k, v, extras, sinks, config: FlashConfig):
+    out, lse = flash_fwd_p.bind(q, k, v, *extras, config=config)
+    if sinks is not None:
+        out, lse = add_sinks(out, lse, sinks)
+    return out, lse
+
+
+def _attention_fwd(q, k, v, extras, sinks, config: FlashConfig):
+    out, lse = _forward(q, k, v, extras, sinks, config)
     residuals = tuple(checkpoint_name(x, name) for x, name in zip((q, k, v, out, lse),
                                                                   RESIDUAL_NAMES))
-    return (out, lse), residuals
+    return (out, lse), (residuals, extras, sinks)
 
 
 def _attention_bwd(config: FlashConfig, residuals, cotangents):
+    residuals, extras, sinks = residuals
     dout, dlse = cotangents  # dlse is zeros where lse is not differentiated
-    return tuple(flash_bwd_p.bind(*residuals, dout, dlse, config=config))
+    # With sinks, out and lse are the results with the sinks, which is what the backward needs
+    # (see _sinks).
+    dq, dk, dv, *feature_grads = flash_bwd_p.bind(*residuals, dout, dlse, *extras, config=config)
+    grad_of = dict(zip([name for name in ("bias", "alibi_slopes")
+                        if name in config.extra_operand_names()], feature_grads))
+    # mask and dropout_seed are not differentiable: their cotangents are float0 zeros.
+    dextras = tuple(grad_of[name] if name in grad_of else np.zeros(x.shape, jax.dtypes.float0)
+                    for name, x in zip(config.extra_operand_names(), extras))
+    _, _, _, out, lse = residuals
+    dsinks = None if sinks is None else sinks_grad(out, lse, dout, dlse, sinks)
+    return dq, dk, dv, dextras, dsinks
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

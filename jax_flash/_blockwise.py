@@ -9,10 +9,17 @@ _blockwise_bwd, which shares the tiling helpers here.
 Semantics are the kernel's: products of the inputs' dtype accumulate in float32, the
 probabilities are cast to v's dtype before multiplying v (as FlashAttention does), causal
 attention is bottom-right aligned, and a query that sees no key gets out = 0 and lse = -inf.
+Grouped-query attention and the features of _tile_scores (windows, softcap, ALiBi, mask, bias,
+dropout) run here too; tiles that no query sees are skipped.
 """
+
+import dataclasses
 
 import jax.numpy as jnp
 from jax import lax
+
+from jax_flash._config import FlashConfig
+from jax_flash._tile_scores import TileScores
 
 # One tile of scores holds batch * heads * block_q * block_k floats. Square tiles grow from
 # MIN_BLOCK up to MAX_BLOCK while the tile stays within TILE_ELEMENTS (16 Mi floats, 64 MiB in
@@ -77,77 +84,93 @@ def rows_from_blocks(blocks, seqlen: int):
     return blocks.transpose(1, 2, 0, 3).reshape(batch, heads, -1)[:, :, :seqlen]
 
 
-def visible_keys(query, key, *, seqlen_q: int, seqlen_k: int, causal: bool):
-    """Which keys of a tile each query sees: (block_q | 1, block_k) from absolute positions
-    query (block_q,) and key (block_k,). Padded keys are hidden; causal is bottom-right aligned."""
-    visible = (key < seqlen_k)[None, :]
-    if causal:
-        visible = visible & (key[None, :] <= query[:, None] + seqlen_k - seqlen_q)
-    return visible
+def options_of(config: FlashConfig) -> dict:
+    """The keyword arguments of blockwise_attention(_bwd) that carry `config`'s semantics."""
+    return {field.name: getattr(config, field.name) for field in dataclasses.fields(config)
+            if field.name not in ("implementation", "deterministic")}
+
+
+def group_query_heads(x, kv_heads: int):
+    """[..., h, rows, d] blocks -> [..., kv_heads, h / kv_heads, rows, d]: query head i becomes
+    (i // group, i % group), next to the kv head it attends with."""
+    *lead, heads, rows, head_dim = x.shape
+    return x.reshape(*lead, kv_heads, heads // kv_heads, rows, head_dim)
 
 
 # ---- forward ----------------------------------------------------------------------------------
 
-def blockwise_attention(q, k, v, *, causal: bool, softmax_scale: float,
-                        block_q: int | None = None, block_k: int | None = None):
+def blockwise_attention(q, k, v, *extras, causal: bool, softmax_scale: float,
+                        block_q: int | None = None, block_k: int | None = None, **features):
     """out [b, sq, h, d] in q's dtype and lse [b, h, sq] float32 of softmax(q k^T * scale) v.
 
-    block_q and block_k default to a tile size chosen from batch * heads; any sizes give the same
-    result up to rounding.
+    k and v have kv_heads dividing h (grouped-query attention). features are FlashConfig's
+    feature fields (window_size, softcap, dropout_rate, has_alibi_slopes, has_mask, has_bias) and
+    extras the operands they call for, in the order of FlashConfig.extra_operand_names(); see
+    _tile_scores for their semantics. block_q and block_k default to a tile size chosen from
+    batch * heads; any sizes give the same result up to rounding (and the same dropout mask).
     """
     batch, seqlen_q, heads, head_dim = q.shape
-    seqlen_k = k.shape[1]
+    seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    config = FlashConfig(causal=causal, softmax_scale=softmax_scale, implementation="xla",
+                         **features)
     acc_dtype, precision = matmul_settings(q.dtype)
     block_q, block_k = block_sizes(batch * heads, seqlen_q, seqlen_k, block_q, block_k)
+    tiles = TileScores.build(config, q.shape, k.shape, block_q, block_k, extras)
 
-    q_blocks = to_blocks(q, block_q)  # (num_q_blocks, b, h, block_q, d)
-    k_blocks = to_blocks(k, block_k)  # (num_k_blocks, b, h, block_k, d)
-    v_blocks = to_blocks(v, block_k)  # (num_k_blocks, b, h, block_k, d)
+    # (num_q_blocks, b, kv_heads, group, block_q, d)
+    q_blocks = group_query_heads(to_blocks(q, block_q), kv_heads)
+    k_blocks = to_blocks(k, block_k)  # (num_k_blocks, b, kv_heads, block_k, d)
+    v_blocks = to_blocks(v, block_k)  # (num_k_blocks, b, kv_heads, block_k, d)
     q_starts = jnp.arange(q_blocks.shape[0]) * block_q
     k_starts = jnp.arange(k_blocks.shape[0]) * block_k
+    rows_shape = q_blocks.shape[1:-1]  # (b, kv_heads, group, block_q)
 
     def attend_query_block(q_block_and_start):
         q_block, q_start = q_block_and_start
-        query = q_start + jnp.arange(block_q)
 
         def visit_key_block(carry, kv_block_and_start):
             k_block, v_block, k_start = kv_block_and_start
-            key = k_start + jnp.arange(block_k)
-            visible = visible_keys(query, key, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-                                   causal=causal)  # (block_q | 1, block_k)
 
             def update(carry):
                 row_max, row_sum, acc = carry
-                scores = jnp.einsum("bhqd,bhkd->bhqk", q_block, k_block, precision=precision,
-                                    preferred_element_type=acc_dtype)
-                scores = jnp.where(visible, scores * softmax_scale, -jnp.inf)
+                qk = jnp.einsum("bkgqd,bkjd->bkgqj", q_block, k_block, precision=precision,
+                                preferred_element_type=acc_dtype)
+                scores, _ = tiles.scores(qk, q_start, k_start)
                 new_max = jnp.maximum(row_max, jnp.max(scores, axis=-1))
                 # A row with nothing visible yet keeps max -inf; shifting by 0 keeps exp() at 0.
                 shift = jnp.where(jnp.isneginf(new_max), 0, new_max)
                 probs = jnp.exp(scores - shift[..., None])
                 correction = jnp.exp(row_max - shift)
                 row_sum = row_sum * correction + jnp.sum(probs, axis=-1)
+                keep = tiles.dropout_keep(q_start, k_start)
+                if keep is not None:  # the 1 / (1 - rate) rescale waits for the end
+                    probs = jnp.where(keep, probs, 0)
                 acc = acc * correction[..., None] + jnp.einsum(
-                    "bhqk,bhkd->bhqd", probs.astype(v.dtype), v_block, precision=precision,
+                    "bkgqj,bkjd->bkgqd", probs.astype(v.dtype), v_block, precision=precision,
                     preferred_element_type=acc_dtype)
                 return new_max, row_sum, acc
 
-            if causal:
-                # Causal attention leaves about half the tiles empty: skip them.
+            if tiles.may_skip_tiles:
+                # Causal, window and mask leave tiles that no query sees: skip them.
+                visible = tiles.visible(q_start, k_start)
                 carry = lax.cond(jnp.any(visible), update, lambda carry: carry, carry)
             else:
                 carry = update(carry)
             return carry, None
 
         init = (
-            jnp.full((batch, heads, block_q), -jnp.inf, acc_dtype),  # row_max
-            jnp.zeros((batch, heads, block_q), acc_dtype),  # row_sum
-            jnp.zeros((batch, heads, block_q, head_dim), acc_dtype),  # acc
+            jnp.full(rows_shape, -jnp.inf, acc_dtype),  # row_max
+            jnp.zeros(rows_shape, acc_dtype),  # row_sum
+            jnp.zeros((*rows_shape, head_dim), acc_dtype),  # acc
         )
         (row_max, row_sum, acc), _ = lax.scan(
             visit_key_block, init, (k_blocks, v_blocks, k_starts))
-        out = acc / jnp.where(row_sum == 0, 1, row_sum)[..., None]
+        normalizer = jnp.where(row_sum == 0, 1, row_sum) * (1 - config.dropout_rate)
+        out = acc / normalizer[..., None]
         lse = jnp.where(row_sum == 0, -jnp.inf, row_max + jnp.log(row_sum))
+        # (b, kv_heads, group, ...) -> (b, heads, ...): the query heads in their own order.
+        out = out.reshape(batch, heads, block_q, head_dim)
+        lse = lse.reshape(batch, heads, block_q)
         return out.astype(q.dtype), lse.astype(jnp.float32)
 
     out, lse = lax.map(attend_query_block, (q_blocks, q_starts))

@@ -1,9 +1,12 @@
 """The backward primitive: abstract eval, lowering and batching rule.
 
-  operands q [b, sq, h, d], k [b, sk, h, d], v [b, sk, h, d] (one dtype), out [b, sq, h, d] and
-           lse float32 [b, h, sq] (the forward's results), dout [b, sq, h, d] and dlse float32
-           [b, h, sq] (their cotangents)
-  results  dq, dk, dv, shaped and typed as q, k, v
+  operands q [b, sq, h, d], k [b, sk, hk, d], v [b, sk, hk, d] (one dtype, hk divides h),
+           out [b, sq, h, d] and lse float32 [b, h, sq] (the forward's results), dout
+           [b, sq, h, d] and dlse float32 [b, h, sq] (their cotangents), then the forward's
+           feature operands in its order (alibi_slopes, mask, bias, dropout_seed; see
+           _fwd_primitive), each only when the config uses it
+  results  dq, dk, dv, shaped and typed as q, k, v; then dbias (shaped and typed as bias) when
+           there is a bias, and dalibi_slopes float32 [b, h] when there are slopes
   params   config: the forward's FlashConfig
 
 On the CUDA platform it lowers to the kernel's FFI target when the kernel can run (the same
@@ -13,8 +16,10 @@ blockwise XLA backward. The FFI contract of the kernel:
   target  "jax_flash_bwd"
   operands q, k, v, dout (all float16 or all bfloat16, d one of the compiled head dims),
            lse float32 [b, h, sq], delta float32 [b, h, sq] = rowsum(dout ∘ out) − dlse
-  results  dq_accum float32 [b, sq, h, d] (dq = softmax_scale · dq_accum), dk and dv [b, sk, h, d]
-           in q's dtype, dq_semaphore int32 [b, h, ceil(sq / 16)] (the kernel's workspace)
+  results  dq [b, sq, h, d], dk and dv [b, sk, h, d], all in q's dtype, dk and dv one per query
+           head (XLA sums each group of hk's to [b, sk, hk, d]); the kernel's workspaces
+           dq_accum float32 [b, h, sq rounded up to a multiple of 128, d] and
+           dq_semaphore int32 [b, h, ceil(sq / 16)]
   attrs    softmax_scale (f32), causal (bool), deterministic (bool)
 """
 
@@ -27,19 +32,22 @@ from jax.extend.core import Primitive
 from jax.interpreters import mlir, xla
 
 from jax_flash import _extension
-from jax_flash._batching import register_batch_folding
+from jax_flash._batching import batch_broadcast_operands, register_batch_folding
+from jax_flash._blockwise import options_of
 from jax_flash._blockwise_bwd import blockwise_attention_bwd
 from jax_flash._config import FlashConfig
 from jax_flash._kernel_choice import kernel_head_dim_for, pad_head_dim
-from jax_flash._validation import check_qkv
+from jax_flash._sharding import lower_partitioned, needs_devices_when_lowering, result_aval
+from jax_flash._validation import check_extra_operands, check_qkv
 
 flash_bwd_p = Primitive("jax_flash_bwd")
 flash_bwd_p.multiple_results = True
 flash_bwd_p.def_impl(functools.partial(xla.apply_primitive, flash_bwd_p))
 
 
-def _abstract_eval(q, k, v, out, lse, dout, dlse, *, config: FlashConfig):
+def _abstract_eval(q, k, v, out, lse, dout, dlse, *extras, config: FlashConfig):
     check_qkv(q, k, v)
+    check_extra_operands(q, k, config.extra_operand_names(), extras)
     batch, seqlen_q, heads, _ = q.shape
     for name, x, shape, dtype in (("out", out, q.shape, q.dtype), ("dout", dout, q.shape, q.dtype),
                                   ("lse", lse, (batch, heads, seqlen_q), jnp.float32),
@@ -48,7 +56,22 @@ def _abstract_eval(q, k, v, out, lse, dout, dlse, *, config: FlashConfig):
             raise ValueError(
                 f"jax-flash: the backward expects {name} {jnp.dtype(dtype).name}{list(shape)}; "
                 f"got {jnp.dtype(x.dtype).name}{list(x.shape)}")
-    return tuple(jax.core.ShapedArray(x.shape, x.dtype) for x in (q, k, v))
+    named = dict(zip(config.extra_operand_names(), extras))
+    grads = [q, k, v]
+    if config.has_bias:
+        grads.append(named["bias"])
+    if config.has_alibi_slopes:
+        grads.append(named["alibi_slopes"])
+    operand_names = ("q", "k", "v", *("bias",) * config.has_bias,
+                     *("alibi_slopes",) * config.has_alibi_slopes)
+    return tuple(result_aval(x, name, grad_name, x.dtype)
+                 for x, name, grad_name in zip(grads, operand_names, _grad_names(config)))
+
+
+def _grad_names(config: FlashConfig) -> tuple[str, ...]:
+    """The results, in order."""
+    return ("dq", "dk", "dv") + ("dbias",) * config.has_bias + (
+        ("dalibi_slopes",) * config.has_alibi_slopes)
 
 
 flash_bwd_p.def_abstract_eval(_abstract_eval)
@@ -57,35 +80,56 @@ flash_bwd_p.def_abstract_eval(_abstract_eval)
 # ---- lowering --------------------------------------------------------------------------------
 
 def _lower_blockwise(ctx, *operands, config: FlashConfig):
-    backward = functools.partial(
-        blockwise_attention_bwd, causal=config.causal, softmax_scale=config.softmax_scale)
-    return mlir.lower_fun(backward, multiple_results=True)(ctx, *operands)
+    backward = functools.partial(blockwise_attention_bwd, **options_of(config))
+    return _lower_sharded(ctx, backward, operands, config)
 
 
-# Query rows per dq_semaphore counter (kDqSemaphoreRowsPerCounter in cuda/flash_params.h).
+def _lower_sharded(ctx, local_fn, operands, config: FlashConfig):
+    """local_fn runs on each device's shard of a sharded computation (see _sharding)."""
+    names = ("q", "k", "v", "out", "lse", "dout", "dlse", *config.extra_operand_names())
+    return lower_partitioned(ctx, local_fn, operands, operand_names=names,
+                             result_names=_grad_names(config))
+
+
+# Query rows per dq_semaphore counter and the multiple dq_accum's rows are rounded up to
+# (kDqSemaphoreRowsPerCounter and kDqAccumRowsMultiple in cuda/flash_params.h).
 _DQ_SEMAPHORE_ROWS = 16
+_DQ_ACCUM_ROWS_MULTIPLE = 128
 
 
 def _kernel_backward(q, k, v, out, lse, dout, dlse, *, config: FlashConfig, kernel_head_dim: int):
     """delta in XLA (one fused pass over out and dout), the kernel on zero-padded operands, then
-    dq = scale · dq_accum and the padding sliced off."""
+    dk and dv summed over each group of query heads and the padding sliced off."""
     batch, seqlen_q, heads, head_dim = q.shape
-    seqlen_k = k.shape[1]
+    seqlen_k, kv_heads = k.shape[1], k.shape[2]
     rowsum = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)  # [b, sq, h]
     delta = jnp.transpose(rowsum, (0, 2, 1)) - dlse
     q, k, v, dout = (pad_head_dim(x, kernel_head_dim) for x in (q, k, v, dout))
     counters = -(-seqlen_q // _DQ_SEMAPHORE_ROWS)
+    accum_rows = -(-seqlen_q // _DQ_ACCUM_ROWS_MULTIPLE) * _DQ_ACCUM_ROWS_MULTIPLE
     result_types = (
-        jax.ShapeDtypeStruct(q.shape, jnp.float32),                          # dq_accum
+        jax.ShapeDtypeStruct(q.shape, q.dtype),                             # dq
         jax.ShapeDtypeStruct((batch, seqlen_k, heads, kernel_head_dim), k.dtype),  # dk
         jax.ShapeDtypeStruct((batch, seqlen_k, heads, kernel_head_dim), v.dtype),  # dv
+        jax.ShapeDtypeStruct((batch, heads, accum_rows, kernel_head_dim), jnp.float32),  # dq_accum
         jax.ShapeDtypeStruct((batch, heads, counters), jnp.int32),          # dq_semaphore
     )
-    dq_accum, dk, dv, _ = jax.ffi.ffi_call(_extension.BWD_TARGET, result_types)(
+    dq, dk, dv, _, _ = jax.ffi.ffi_call(_extension.BWD_TARGET, result_types)(
         q, k, v, dout, lse, delta, softmax_scale=np.float32(config.softmax_scale),
         causal=bool(config.causal), deterministic=bool(config.deterministic))
-    dq = (dq_accum[..., :head_dim] * np.float32(config.softmax_scale)).astype(q.dtype)
-    return dq, dk[..., :head_dim], dv[..., :head_dim]
+    dq = dq[..., :head_dim]
+    dk, dv = (_sum_groups(x[..., :head_dim], kv_heads) for x in (dk, dv))
+    return dq, dk, dv
+
+
+def _sum_groups(x, kv_heads: int):
+    """[b, sk, h, d] per query head -> [b, sk, kv_heads, d], summed over each kv head's group
+    (query heads kv_head · group ... kv_head · group + group − 1) in float32."""
+    batch, seqlen_k, heads, head_dim = x.shape
+    if heads == kv_heads:
+        return x
+    grouped = x.reshape(batch, seqlen_k, kv_heads, heads // kv_heads, head_dim)
+    return jnp.sum(grouped.astype(jnp.float32), axis=3).astype(x.dtype)
 
 
 def _cuda_lowering(ctx, *operands, config: FlashConfig):
@@ -93,13 +137,15 @@ def _cuda_lowering(ctx, *operands, config: FlashConfig):
     if kernel_head_dim is None:
         return _lower_blockwise(ctx, *operands, config=config)
     kernel = functools.partial(_kernel_backward, config=config, kernel_head_dim=kernel_head_dim)
-    return mlir.lower_fun(kernel, multiple_results=True)(ctx, *operands)
+    return _lower_sharded(ctx, kernel, operands, config)
 
 
 mlir.register_lowering(flash_bwd_p, _lower_blockwise)
 mlir.register_lowering(flash_bwd_p, _cuda_lowering, platform="cuda")
+needs_devices_when_lowering(flash_bwd_p)
 
 
 # ---- batching --------------------------------------------------------------------------------
 
-register_batch_folding(flash_bwd_p)
+register_batch_folding(
+    flash_bwd_p, lambda params: batch_broadcast_operands(params["config"], 7, bias_grad_result=3))

@@ -15,9 +15,39 @@ class FlashConfig:
     implementation: one of IMPLEMENTATIONS.
     deterministic: the backward must be bitwise reproducible (the CUDA backward kernel then
       reduces dq in a fixed order instead of with atomics); the forward ignores it.
+    window_size: (left, right); key j is visible to query i iff
+      i + sk - sq - left <= j <= i + sk - sq + right, -1 leaving that side unbounded.
+    softcap: > 0 turns the scaled scores s into softcap · tanh(s / softcap); 0 leaves them.
+    dropout_rate: the probability of dropping each attention probability; 0 draws nothing.
+    has_alibi_slopes, has_mask, has_bias: whether these extra operands follow q, k, v (see
+      extra_operand_names); a dropout_seed operand follows them iff dropout_rate > 0.
     """
 
     causal: bool
     softmax_scale: float
     implementation: str | None
     deterministic: bool = False
+    window_size: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    dropout_rate: float = 0.0
+    has_alibi_slopes: bool = False
+    has_mask: bool = False
+    has_bias: bool = False
+
+    def extra_operand_names(self) -> tuple[str, ...]:
+        """The primitives' operands after q, k, v (and the backward's out, lse, dout, dlse), in
+        their fixed order: alibi_slopes, mask, bias, dropout_seed, each only when in use."""
+        present = (self.has_alibi_slopes, self.has_mask, self.has_bias, self.dropout_rate > 0)
+        names = ("alibi_slopes", "mask", "bias", "dropout_seed")
+        return tuple(name for name, used in zip(names, present) if used)
+
+    def features(self) -> tuple[str, ...]:
+        """The options beyond plain and causal attention this call uses, by argument name."""
+        used = [name for name in ("alibi_slopes", "mask", "bias") if getattr(self, "has_" + name)]
+        if self.window_size != (-1, -1):
+            used.append("window_size")
+        if self.softcap:
+            used.append("softcap")
+        if self.dropout_rate:
+            used.append("dropout_rate")
+        return tuple(used)

@@ -4,10 +4,15 @@ On the CUDA platform it lowers to the kernel's FFI target when the kernel can ru
 on every other platform) to the blockwise XLA implementation. The FFI contract of the kernel:
 
   target  "jax_flash_fwd"
-  operands q [b, sq, h, d], k [b, sk, hk, d], v [b, sk, hk, d], all float16 or all bfloat16,
-           d one of the compiled head dims
+  operands q [b, sq, h, d], k [b, sk, hk, d], v [b, sk, hk, d] (hk divides h), all float16 or
+           all bfloat16, d one of the compiled head dims
   results  out [b, sq, h, d] (q's dtype), lse [b, h, sq] float32
   attrs    softmax_scale (f32), causal (bool)
+
+The primitive's operands are q, k, v followed by the feature operands its config uses, in this
+fixed order (FlashConfig.extra_operand_names): alibi_slopes float32 [b, h], mask bool and bias
+float, each 4-D broadcastable to [b, h, sq, sk], dropout_seed uint32 [b, 2]. Calls with any of
+these, or with window_size, softcap or dropout, take the XLA path until the kernel gains them.
 """
 
 import functools
@@ -19,22 +24,23 @@ from jax.extend.core import Primitive
 from jax.interpreters import mlir, xla
 
 from jax_flash import _extension
-from jax_flash._batching import register_batch_folding
-from jax_flash._blockwise import blockwise_attention
+from jax_flash._batching import batch_broadcast_operands, register_batch_folding
+from jax_flash._blockwise import blockwise_attention, options_of
 from jax_flash._config import FlashConfig
 from jax_flash._kernel_choice import kernel_head_dim_for, pad_head_dim
-from jax_flash._validation import check_qkv
+from jax_flash._sharding import lower_partitioned, needs_devices_when_lowering, result_aval
+from jax_flash._validation import check_extra_operands, check_qkv
 
 flash_fwd_p = Primitive("jax_flash_fwd")
 flash_fwd_p.multiple_results = True
 flash_fwd_p.def_impl(functools.partial(xla.apply_primitive, flash_fwd_p))
 
 
-def _abstract_eval(q, k, v, *, config: FlashConfig):
+def _abstract_eval(q, k, v, *extras, config: FlashConfig):
     check_qkv(q, k, v)
-    batch, seqlen_q, heads, _ = q.shape
-    out = jax.core.ShapedArray(q.shape, q.dtype)
-    lse = jax.core.ShapedArray((batch, heads, seqlen_q), jnp.float32)
+    check_extra_operands(q, k, config.extra_operand_names(), extras)
+    out = result_aval(q, "q", "out", q.dtype)
+    lse = result_aval(q, "q", "lse", jnp.float32)
     return out, lse
 
 
@@ -43,20 +49,19 @@ flash_fwd_p.def_abstract_eval(_abstract_eval)
 
 # ---- lowering: the XLA path ------------------------------------------------------------------
 
-def _lower_blockwise(ctx, q, k, v, *, config: FlashConfig):
-    attention = functools.partial(
-        blockwise_attention, causal=config.causal, softmax_scale=config.softmax_scale)
-    return mlir.lower_fun(attention, multiple_results=True)(ctx, q, k, v)
+def _lower_blockwise(ctx, *operands, config: FlashConfig):
+    attention = functools.partial(blockwise_attention, **options_of(config))
+    return _lower_sharded(ctx, attention, operands, config)
 
 
-def _default_lowering(ctx, q, k, v, *, config: FlashConfig):
+def _default_lowering(ctx, *operands, config: FlashConfig):
     """Every platform but CUDA."""
     if config.implementation == "cuda":
         platforms = ", ".join(ctx.module_context.platforms)
         raise RuntimeError(
             "jax-flash: implementation='cuda' runs only on CUDA GPUs, but this computation is "
             f"lowered for {platforms}; use implementation=None or 'xla'")
-    return _lower_blockwise(ctx, q, k, v, config=config)
+    return _lower_blockwise(ctx, *operands, config=config)
 
 
 # ---- lowering: the CUDA kernel ---------------------------------------------------------------
@@ -72,18 +77,26 @@ def _kernel_forward(q, k, v, *, config: FlashConfig, kernel_head_dim: int):
     return out[..., :head_dim], lse
 
 
-def _cuda_lowering(ctx, q, k, v, *, config: FlashConfig):
+def _cuda_lowering(ctx, *operands, config: FlashConfig):
     kernel_head_dim = kernel_head_dim_for(ctx.avals_in[0], config)
     if kernel_head_dim is None:
-        return _lower_blockwise(ctx, q, k, v, config=config)
+        return _lower_blockwise(ctx, *operands, config=config)
     kernel = functools.partial(_kernel_forward, config=config, kernel_head_dim=kernel_head_dim)
-    return mlir.lower_fun(kernel, multiple_results=True)(ctx, q, k, v)
+    return _lower_sharded(ctx, kernel, operands, config)
+
+
+def _lower_sharded(ctx, local_fn, operands, config: FlashConfig):
+    """local_fn runs on each device's shard of a sharded computation (see _sharding)."""
+    return lower_partitioned(ctx, local_fn, operands,
+                             operand_names=("q", "k", "v", *config.extra_operand_names()),
+                             result_names=("out", "lse"))
 
 
 mlir.register_lowering(flash_fwd_p, _default_lowering)
 mlir.register_lowering(flash_fwd_p, _cuda_lowering, platform="cuda")
+needs_devices_when_lowering(flash_fwd_p)
 
 
 # ---- batching --------------------------------------------------------------------------------
 
-register_batch_folding(flash_fwd_p)
+register_batch_folding(flash_fwd_p, lambda params: batch_broadcast_operands(params["config"], 3))

@@ -1,5 +1,10 @@
 """Whether a CUDA lowering runs our kernels or the blockwise XLA path, shared by the forward and
-backward primitives: the implementation asked for, the dtype, this build, the GPU, the head dim.
+backward primitives: the implementation asked for, the features, the dtype, this build, the GPU,
+the head dim.
+
+The kernels run plain and causal attention, grouped-query attention included (and sinks, which
+flash_attention applies around them). Every other feature takes the XLA path until the kernels
+gain it; implementation="cuda" then raises, naming the features.
 """
 
 import functools
@@ -44,12 +49,26 @@ def _why_kernel_cannot_run(head_dim: int) -> str | None:
     return None
 
 
+def check_kernel_features(config: FlashConfig) -> None:
+    """For implementation="cuda": raises ValueError naming the features the kernels lack."""
+    missing = config.features()
+    if missing:
+        raise ValueError(
+            f"jax-flash: implementation='cuda' cannot run {', '.join(missing)}: the CUDA kernels "
+            "do not have these features yet; use implementation=None or 'xla' for the XLA path")
+
+
 def kernel_head_dim_for(q_aval, config: FlashConfig) -> int | None:
     """The compiled head dim to run q's attention at on CUDA, or None for the XLA path.
 
-    implementation="cuda" raises when the kernels cannot run; None (auto) warns once and falls back.
+    implementation="cuda" raises when the kernels cannot run; None (auto) falls back, warning
+    once unless the reason is a feature the kernels lack (that fallback is documented).
     """
     if config.implementation == "xla":
+        return None
+    if config.implementation == "cuda":
+        check_kernel_features(config)
+    elif config.features():
         return None
     if jnp.dtype(q_aval.dtype) not in KERNEL_DTYPES:
         if config.implementation == "cuda":

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 
 
-def attention_reference(q, k, v, *, causal=False, softmax_scale=None, compute_dtype=jnp.float32):
+def attention_reference(q, k, v, *, causal=False, softmax_scale=None, compute_dtype=jnp.float32,
+                        window_size=(-1, -1), softcap=0.0, alibi_slopes=None, mask=None,
+                        bias=None, sinks=None, dropout_rate=0.0, dropout_keep=None):
     """Attention over [batch, seqlen, heads, head_dim] inputs, computed densely in `compute_dtype`.
 
     With the default float32 this is the oracle: inputs are upcast, matrix products run at full
@@ -14,20 +16,50 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, compute_dt
     own low precision instead gives the baseline of the test rule "no worse than twice the error
     of the same computation in the same dtype".
 
-    Semantics match flash_attention: with `causal`, query i sees key j iff j <= i + sk - sq; a
-    query that sees no key gets out = 0 and lse = -inf (the log of an empty sum).
+    Semantics match flash_attention: k and v may have fewer heads than q (query head i uses kv
+    head i // (heads_q / heads_kv)); with `causal`, query i sees key j iff j <= i + sk - sq;
+    window_size (left, right) keeps i + sk - sq - left <= j <= i + sk - sq + right (-1:
+    unbounded); the scaled scores s become softcap·tanh(s / softcap), then get
+    −alibi_slopes·|i + sk − sq − j| and bias added; mask (True: attend) and bias broadcast to
+    [b, h, sq, sk]; sinks [h] join each row's softmax denominator with no value. A query that sees
+    no key gets out = 0 and lse = -inf (the log of an empty sum; with sinks, lse = the sink).
+    Dropout keeps the probabilities where dropout_keep [b, h, sq, sk] is True and scales them by
+    1 / (1 - dropout_rate); lse is that of the probabilities before dropout.
     """
-    seqlen_q, seqlen_k, head_dim = q.shape[1], k.shape[1], q.shape[3]
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k, kv_heads = k.shape[1], k.shape[2]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
     q, k, v = (x.astype(compute_dtype) for x in (q, k, v))
+    # Grouped-query attention: the dense oracle may simply repeat each kv head for its group.
+    k, v = (jnp.repeat(x, heads // kv_heads, axis=2) for x in (k, v))
 
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=jax.lax.Precision.HIGHEST)
     scores = scores * jnp.asarray(softmax_scale, compute_dtype)
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
+    diagonal = jnp.arange(seqlen_q)[:, None] + seqlen_k - seqlen_q  # the key aligned with query i
+    key = jnp.arange(seqlen_k)[None, :]
+    if alibi_slopes is not None:
+        slopes = jnp.broadcast_to(alibi_slopes, (batch, heads)).astype(compute_dtype)
+        scores = scores - slopes[:, :, None, None] * jnp.abs(diagonal - key).astype(compute_dtype)
+    if bias is not None:
+        scores = scores + bias.astype(compute_dtype)
+    visible = jnp.ones((seqlen_q, seqlen_k), bool)
+    left, right = window_size
     if causal:
-        query = jnp.arange(seqlen_q)[:, None]
-        key = jnp.arange(seqlen_k)[None, :]
-        scores = jnp.where(key <= query + seqlen_k - seqlen_q, scores, -jnp.inf)
+        visible &= key <= diagonal
+    if right != -1:
+        visible &= key <= diagonal + right
+    if left != -1:
+        visible &= key >= diagonal - left
+    if mask is not None:
+        visible = visible & mask
+    scores = jnp.where(visible, scores, -jnp.inf)
+    if sinks is not None:
+        sink_column = jnp.broadcast_to(sinks.astype(compute_dtype)[None, :, None, None],
+                                       (batch, heads, seqlen_q, 1))
+        scores = jnp.concatenate([scores, sink_column], axis=-1)
 
     row_max = jnp.max(scores, axis=-1, keepdims=True)
     # Rows with no visible key have row_max = -inf; shifting them by 0 keeps exp() at 0, not NaN.
@@ -36,5 +68,9 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, compute_dt
     row_sum = jnp.sum(probs, axis=-1, keepdims=True)
     lse = (row_max + jnp.log(row_sum))[..., 0]
     probs = probs / jnp.where(row_sum == 0, 1, row_sum)
+    if sinks is not None:
+        probs = probs[..., :seqlen_k]  # the sink takes its share and gives no value
+    if dropout_keep is not None:
+        probs = jnp.where(dropout_keep, probs / (1 - dropout_rate), 0)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=jax.lax.Precision.HIGHEST)
     return out, lse.astype(jnp.float32)

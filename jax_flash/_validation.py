@@ -7,6 +7,7 @@ abstract values alike.
 import math
 import numbers
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -49,10 +50,14 @@ def check_qkv(q, k, v) -> None:
             raise ValueError(
                 f"jax-flash: q, k and v must have the same {dim} (axis {axis}); "
                 f"got {_describe(q, k, v)}")
-    if not q.shape[2] == k.shape[2] == v.shape[2]:
+    if k.shape[2] != v.shape[2]:
         raise ValueError(
-            "jax-flash: q, k and v must have the same number of heads (axis 2); grouped-query "
-            f"attention (fewer kv heads) is not supported yet; got {_describe(q, k, v)}")
+            f"jax-flash: k and v must have the same number of heads (axis 2); got "
+            f"{_describe(q, k, v)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"jax-flash: the heads of k and v (axis 2) must divide the heads of q: grouped-query "
+            f"attention gives each kv head an equal group of query heads; got {_describe(q, k, v)}")
     if k.shape[1] != v.shape[1]:
         raise ValueError(
             f"jax-flash: k and v must have the same seqlen (axis 1); got {_describe(q, k, v)}")
@@ -73,6 +78,109 @@ def check_qkv(q, k, v) -> None:
             f"v {jnp.dtype(v.dtype).name}")
 
 
+def _static_real(name: str, value) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"jax-flash: {name} must be a static Python or NumPy real number; "
+            f"got {type(value).__name__}")
+    return float(value)
+
+
+def check_window_size(window_size) -> tuple[int, int]:
+    """(left, right) as Python ints, each -1 (unbounded) or a number of keys >= 0."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, (int, np.integer)) and not isinstance(w, (bool, np.bool_))
+                       for w in window_size)):
+        raise TypeError(
+            "jax-flash: window_size must be a pair of static ints (left, right); "
+            f"got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(
+            "jax-flash: window_size entries must be >= 0, or -1 for unbounded; "
+            f"got {window_size!r}")
+    return left, right
+
+
+def check_softcap(softcap) -> float:
+    softcap = _static_real("softcap", softcap)
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"jax-flash: softcap must be finite and >= 0 (0: off); got {softcap!r}")
+    return softcap
+
+
+def check_dropout(dropout_rate, dropout_rng) -> float:
+    """dropout_rate as a float in [0, 1); a rate above 0 needs a PRNG key."""
+    rate = _static_real("dropout_rate", dropout_rate)
+    if not 0 <= rate < 1:
+        raise ValueError(f"jax-flash: dropout_rate must be in [0, 1); got {dropout_rate!r}")
+    if rate > 0 and dropout_rng is None:
+        raise ValueError("jax-flash: dropout_rate > 0 needs dropout_rng, a JAX PRNG key")
+    if dropout_rng is not None:
+        typed = jnp.issubdtype(dropout_rng.dtype, jax.dtypes.prng_key)
+        if not (typed and dropout_rng.shape == ()) and not (
+                dropout_rng.dtype == jnp.uint32 and dropout_rng.shape == (2,)):
+            raise TypeError(
+                "jax-flash: dropout_rng must be one PRNG key (jax.random.key(seed), or "
+                f"jax.random.PRNGKey(seed): uint32[2]); got "
+                f"{jnp.dtype(dropout_rng.dtype).name}{list(dropout_rng.shape)}")
+    return rate
+
+
+def check_sinks(sinks, heads: int) -> None:
+    """sinks: one logit per query head."""
+    if tuple(sinks.shape) != (heads,) or not jnp.issubdtype(sinks.dtype, jnp.floating):
+        raise ValueError(
+            f"jax-flash: sinks must be a float array [heads] = [{heads}] (one logit per query "
+            f"head of q); got {jnp.dtype(sinks.dtype).name}{list(sinks.shape)}")
+
+
+def check_alibi_slopes(alibi_slopes, batch: int, heads: int) -> None:
+    shape = tuple(alibi_slopes.shape)
+    if shape not in ((heads,), (batch, heads)) or not jnp.issubdtype(alibi_slopes.dtype,
+                                                                   jnp.floating):
+        raise ValueError(
+            f"jax-flash: alibi_slopes must be a float array [heads] = [{heads}] or "
+            f"[batch, heads] = [{batch}, {heads}] (the query heads of q); got "
+            f"{jnp.dtype(alibi_slopes.dtype).name}{list(shape)}")
+
+
+def check_broadcastable(name: str, x, target: tuple[int, ...], kind) -> None:
+    """mask and bias: `kind` (jnp.bool_ or jnp.floating) and broadcastable to `target`, which is
+    [batch, heads, seqlen_q, seqlen_k], as jax.nn.dot_product_attention takes them."""
+    shape = tuple(x.shape)
+    padded = (1,) * (len(target) - len(shape)) + shape
+    if len(shape) > len(target) or any(s not in (1, t) for s, t in zip(padded, target)):
+        raise ValueError(
+            f"jax-flash: {name} of shape {list(shape)} does not broadcast to [batch, heads, "
+            f"seqlen_q, seqlen_k] = {list(target)} (heads: those of q)")
+    if not jnp.issubdtype(x.dtype, kind):
+        wanted = "boolean" if kind is jnp.bool_ else "floating-point"
+        raise TypeError(
+            f"jax-flash: {name} must be {wanted}; got {jnp.dtype(x.dtype).name}{list(shape)}")
+
+
+def check_extra_operands(q, k, names, extras) -> None:
+    """The primitives' feature operands as flash_attention prepares them: alibi_slopes float32
+    [b, h], mask and bias 4-D broadcastable to [b, h, sq, sk], dropout_seed uint32 [b, 2]."""
+    if len(names) != len(extras):
+        raise ValueError(f"jax-flash: expected the operands {names}; got {len(extras)} of them")
+    batch, seqlen_q, heads, _ = q.shape
+    scores = (batch, heads, seqlen_q, k.shape[1])
+    for name, x in zip(names, extras):
+        if name == "alibi_slopes":
+            ok = tuple(x.shape) == (batch, heads) and x.dtype == jnp.float32
+        elif name == "dropout_seed":
+            ok = tuple(x.shape) == (batch, 2) and x.dtype == jnp.uint32
+        else:
+            ok = len(x.shape) == 4
+            check_broadcastable(name, x, scores, jnp.bool_ if name == "mask" else jnp.floating)
+        if not ok:
+            raise ValueError(
+                f"jax-flash: the operand {name} has an unexpected "
+                f"{jnp.dtype(x.dtype).name}{list(x.shape)} for q {list(q.shape)}")
+
+
 def check_kernel_dtype(dtype) -> None:
     """For implementation="cuda": the kernels take half precision only."""
     if jnp.dtype(dtype) not in KERNEL_DTYPES:
@@ -86,11 +194,7 @@ def check_softmax_scale(softmax_scale) -> float | None:
     """Returns softmax_scale as a Python float (None stays None: the default is resolved later)."""
     if softmax_scale is None:
         return None
-    if isinstance(softmax_scale, (bool, np.bool_)) or not isinstance(softmax_scale, numbers.Real):
-        raise TypeError(
-            "jax-flash: softmax_scale must be a static Python or NumPy real number; "
-            f"got {type(softmax_scale).__name__}")
-    scale = float(softmax_scale)
+    scale = _static_real("softmax_scale", softmax_scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(
             f"jax-flash: softmax_scale must be positive and finite; got {softmax_scale!r}")

@@ -5,6 +5,7 @@ timed in the same run.
         [--head-dims 64,128,256] [--seqlens ...] [--impls flash,cudnn,xla]
         [--causal both|true|false] [--dtype bf16] [--quick] [--max-seconds S] [--no-charts]
     python -m jax_flash.bench --charts-from bench_results.json   # redraw the charts only
+    python -m jax_flash.bench --ring [--devices N]   # ring attention over the visible devices
 
 On a GPU it times the FlashAttention paper grid: batch × seqlen = 16384 tokens, hidden 2048, so
 heads = 2048 / head_dim. On a CPU it times a small grid through jax-flash's XLA path (cuDNN rows are
@@ -43,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_flash
+from jax_flash import _bench_ring
 from jax_flash._reference import attention_reference
 
 PAPER_TOKENS = 16384
@@ -417,6 +419,13 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--no-charts", action="store_true", help="write no PNG charts")
     parser.add_argument("--charts-from", metavar="JSON",
                         help="only redraw the charts of an earlier run's JSON, beside it")
+    parser.add_argument("--ring", action="store_true",
+                        help="multi-device mode: causal ring attention with the sequence split "
+                             "over the devices, per-device TFLOP/s next to one device's (GPU "
+                             f"default seqlen {_bench_ring.GPU_RING_SEQLENS}, head dim "
+                             f"{_bench_ring.GPU_RING_HEAD_DIMS})")
+    parser.add_argument("--devices", type=int,
+                        help="--ring: use the first N devices (default all)")
     return parser.parse_args(argv)
 
 
@@ -440,6 +449,9 @@ def main(argv=None) -> None:
     deadline = time.perf_counter() + args.max_seconds
     backend = jax.default_backend()
     settings = QUICK_TIMING if args.quick else FULL_TIMING
+    if args.ring:
+        run_ring(args, argv, backend, settings)
+        return
     shapes = build_grid(args, backend)
     report = run_metadata(argv, backend, args.dtype, args.passes, settings)
 
@@ -459,6 +471,29 @@ def main(argv=None) -> None:
     print(f"# wrote {args.out}", flush=True)
     if not args.no_charts:
         write_charts(report, args.out)
+
+
+def run_ring(args, argv, backend: str, settings: TimingSettings) -> None:
+    devices = jax.devices()[:args.devices]
+    gpu = backend == "gpu"
+    shapes = _bench_ring.ring_shapes(
+        args.seqlens or (_bench_ring.GPU_RING_SEQLENS if gpu else _bench_ring.CPU_RING_SEQLENS),
+        args.head_dims or (_bench_ring.GPU_RING_HEAD_DIMS if gpu
+                           else _bench_ring.CPU_RING_HEAD_DIMS),
+        args.dtype, Shape)
+    report = run_metadata(argv, backend, args.dtype, args.passes, settings)
+    report["devices"] = len(devices)
+    print(f"# ring attention over {len(devices)} × {report['device']} ({backend}), causal, "
+          f"zigzag; TFLOP/s per device; 'vs 1 dev': over flash_attention on one device at "
+          f"seqlen / {len(devices)}", flush=True)
+    print(_bench_ring.RING_HEADER, flush=True)
+    for shape in shapes:
+        rows = _bench_ring.bench_ring_shape(shape, args.passes, settings, devices, backend,
+                                            sys.modules[__name__])
+        report["rows"].extend(rows)
+        write_json(args.out, report)
+        print("\n".join(_bench_ring.format_ring_rows(rows)), flush=True)
+    print(f"# wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+# Eight host CPU devices for the sharding and ring attention tests. It must be set before JAX
+# creates its CPU backend; computations still run on the first device unless placed otherwise.
+jax.config.update("jax_num_cpu_devices", 8)
+
 
 def _cuda_gpu_visible() -> bool:
     try:

@@ -33,7 +33,7 @@ def test_rank(shapes, match):
 
 @pytest.mark.parametrize("shapes,match", [
     (((B, S, H, D), (B + 1, S, H, D)), r"same batch .*q \(2, 17, 4, 40\), k \(3, 17, 4, 40\)"),
-    (((B, S, H, D), (B, S, 2, D)), r"same number of heads .*not supported yet.*k \(2, 17, 2, 40\)"),
+    (((B, S, H, D), (B, S, 3, D)), r"heads of k and v .*must divide the heads of q.*k \(2, 17, 3, 40\)"),
     (((B, S, H, D), (B, S, H, 64)), r"same head_dim .*k \(2, 17, 4, 64\)"),
     (((B, S, H, D), (B, 9, H, D), (B, 10, H, D)), r"k and v must have the same seqlen .*v \(2, 10"),
 ])

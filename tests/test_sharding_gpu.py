@@ -1,0 +1,99 @@
+"""The sharding rules and ring attention on the CUDA kernels, on 2 or more GPUs: the CPU tests'
+checks (test_sharding_cpu, test_ring_cpu) with bfloat16 inputs and implementation="cuda"."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_flash
+
+pytestmark = pytest.mark.gpu
+
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+def _gpus():
+    try:
+        return jax.devices("cuda")
+    except RuntimeError:
+        return []
+
+
+@pytest.fixture
+def two_gpus():
+    if len(_gpus()) < 2:
+        pytest.skip("needs at least 2 CUDA GPUs")
+    return _gpus()[:2]
+
+
+def _random(shape, seed, dtype=jnp.bfloat16):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _vjp_outputs(attention, q, k, v, dout, dlse):
+    (out, lse), vjp = jax.vjp(attention, q, k, v)
+    return (out, lse, *vjp((dout, dlse)))
+
+
+def _assert_close(got, expected):
+    for name, g, e in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+        g, e = np.asarray(g, np.float32), np.asarray(e, np.float32)
+        np.testing.assert_allclose(g, e, atol=2e-2 * np.abs(e).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("spec", [P("d"), P(None, None, "d")], ids=["batch", "heads"])
+def test_kernel_sharded_over_batch_or_heads_runs_locally(two_gpus, spec):
+    q = _random((2, 1024, 8, 128), 0)
+    k, v = _random((2, 1024, 4, 128), 1), _random((2, 1024, 4, 128), 2)
+    dout, dlse = _random(q.shape, 3), _random((2, 8, 1024), 4, jnp.float32)
+    attention = functools.partial(jax_flash.flash_attention, causal=True, return_lse=True,
+                                  implementation="cuda")
+    fn = jax.jit(functools.partial(_vjp_outputs, attention))
+    with jax.default_device(two_gpus[0]):
+        expected = fn(q, k, v, dout, dlse)
+    mesh = jax.make_mesh((2,), ("d",), axis_types=(AxisType.Auto,), devices=two_gpus)
+    lse_spec = P(spec[0] if len(spec) else None, spec[2] if len(spec) > 2 else None)
+    shardings = [NamedSharding(mesh, spec)] * 4 + [NamedSharding(mesh, lse_spec)]
+    sharded = [jax.device_put(x, s) for x, s in zip((q, k, v, dout, dlse), shardings)]
+    compiled = fn.lower(*sharded).compile()
+    _assert_close(compiled(*sharded), expected)
+    text = compiled.as_text()
+    assert [c for c in COLLECTIVES if c in text] == []
+    assert "jax_flash_fwd" in text and "jax_flash_bwd" in text
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_kernel_ring_attention_matches_one_gpu(two_gpus, layout):
+    seqlen = 2048
+    q = _random((1, seqlen, 8, 128), 5)
+    k, v = _random((1, seqlen, 2, 128), 6), _random((1, seqlen, 2, 128), 7)
+    dout, dlse = _random(q.shape, 8), _random((1, 8, seqlen), 9, jnp.float32)
+    whole = functools.partial(jax_flash.flash_attention, causal=True, return_lse=True,
+                              implementation="cuda")
+    with jax.default_device(two_gpus[0]):
+        expected = jax.jit(functools.partial(_vjp_outputs, whole))(q, k, v, dout, dlse)
+
+    ring = functools.partial(jax_flash.ring_attention, axis_name="seq", causal=True,
+                             layout=layout, return_lse=True, implementation="cuda")
+    mesh = jax.make_mesh((2,), ("seq",), axis_types=(AxisType.Auto,), devices=two_gpus)
+    seq, lse_seq = P(None, "seq"), P(None, None, "seq")
+    fn = jax.jit(jax.shard_map(functools.partial(_vjp_outputs, ring), mesh=mesh,
+                               in_specs=(seq,) * 4 + (lse_seq,),
+                               out_specs=(seq, lse_seq, seq, seq, seq)))
+    if layout == "zigzag":
+        to, back = (functools.partial(f, num_shards=2)
+                    for f in (jax_flash.to_zigzag, jax_flash.from_zigzag))
+    else:
+        to = back = lambda x, axis=1: x
+    inputs = (to(q), to(k), to(v), to(dout), to(dlse, axis=2))
+    compiled = fn.lower(*inputs).compile()
+    out, lse, dq, dk, dv = compiled(*inputs)
+    _assert_close((back(out), back(lse, axis=2), back(dq), back(dk), back(dv)), expected)
+    text = compiled.as_text()
+    assert "collective-permute" in text and "all-gather" not in text
+    assert "jax_flash_fwd" in text and "jax_flash_bwd" in text
