@@ -3,7 +3,8 @@ timed in the same run.
 
     python -m jax_flash.bench [--out bench_results.json] [--passes fwd,fwd_bwd]
         [--head-dims 64,128,256] [--seqlens ...] [--impls flash,cudnn,xla]
-        [--causal both|true|false] [--dtype bf16] [--quick] [--max-seconds S] [--no-charts]
+        [--causal both|true|false] [--dtype bf16] [--kv-group G] [--window W] [--quick]
+        [--max-seconds S] [--no-charts]
     python -m jax_flash.bench --charts-from bench_results.json   # redraw the charts only
     python -m jax_flash.bench --ring [--devices N]   # ring attention over the visible devices
 
@@ -16,7 +17,9 @@ loss = sum(out.astype(float32) · dout) for a fixed standard-normal dout. An imp
 cannot run a pass (no gradient yet, out of memory) gets a row with status "error: ...".
 
 TFLOP/s = FLOPs / time. Forward FLOPs = 4·batch·heads·seqlen²·head_dim; the backward counts 2.5×
-that and fwd_bwd 3.5×, as FlashAttention reports; all halved for causal.
+that and fwd_bwd 3.5×, as FlashAttention reports; all halved for causal. With --window, the
+seqlen² is replaced by the number of (query, key) pairs the window (and causal) leave visible.
+--kv-group G gives k and v heads / G heads (grouped-query attention).
 "vs cuDNN" is cuDNN's time over this row's in the same pass (above 1: faster than cuDNN), measured
 in the same run. Each row also carries its error against the float32 oracle on a slice (first
 batch element, first two heads): "rel_err" is ‖x − ref‖₂ / ‖ref‖₂ with x = out for fwd, and the
@@ -76,13 +79,15 @@ DEFAULT_XLA_MAX_SEQLEN = 8192
 INPUT_SETS = 3
 # The oracle's slice: batch elements and heads compared, and query rows per oracle call.
 ERROR_BATCH = 1
-ERROR_HEADS = 2
+ERROR_HEADS = 2  # query heads; with grouped-query attention, one whole group of query heads
 REFERENCE_CHUNK = 4096
 
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """One benchmark configuration; q, k and v are all [batch, seqlen, num_heads, head_dim]."""
+    """One benchmark configuration: q is [batch, seqlen, num_heads, head_dim], k and v have
+    num_heads / kv_group heads; window > 0 is a sliding window of that many keys on each side
+    of the diagonal (-1: none)."""
 
     batch: int
     seqlen: int
@@ -90,6 +95,16 @@ class Shape:
     head_dim: int
     causal: bool
     dtype: str
+    kv_group: int = 1
+    window: int = -1
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads // self.kv_group
+
+    @property
+    def window_size(self) -> tuple[int, int]:
+        return (self.window, self.window) if self.window >= 0 else (-1, -1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,33 +122,55 @@ QUICK_TIMING = TimingSettings(warmup_calls=3, repeats=3, min_repeat_seconds=0.05
 
 # --- The grid ---------------------------------------------------------------------------------
 
-def paper_grid(head_dims, seqlens, causal_modes, dtype) -> list[Shape]:
+def paper_grid(head_dims, seqlens, causal_modes, dtype, **options) -> list[Shape]:
     """FlashAttention's setup: 16384 tokens per batch, hidden 2048."""
     return [Shape(batch=max(1, PAPER_TOKENS // seqlen), seqlen=seqlen,
                   num_heads=max(1, PAPER_HIDDEN // head_dim), head_dim=head_dim,
-                  causal=causal, dtype=dtype)
+                  causal=causal, dtype=dtype, **options)
             for head_dim in head_dims for seqlen in seqlens for causal in causal_modes]
 
 
-def cpu_grid(head_dims, seqlens, causal_modes, dtype) -> list[Shape]:
+def cpu_grid(head_dims, seqlens, causal_modes, dtype, **options) -> list[Shape]:
     """A grid small enough for a CPU to finish in seconds."""
     return [Shape(batch=CPU_BATCH, seqlen=seqlen, num_heads=CPU_HEADS, head_dim=head_dim,
-                  causal=causal, dtype=dtype)
+                  causal=causal, dtype=dtype, **options)
             for head_dim in head_dims for seqlen in seqlens for causal in causal_modes]
 
 
 def build_grid(args, backend: str) -> list[Shape]:
     causal_modes = CAUSAL_MODES[args.causal]
+    options = dict(kv_group=args.kv_group, window=args.window)
     if backend == "gpu":
         head_dims = args.head_dims or PAPER_HEAD_DIMS
         seqlens = args.seqlens or (QUICK_SEQLENS if args.quick else PAPER_SEQLENS)
-        return paper_grid(head_dims, seqlens, causal_modes, args.dtype)
-    return cpu_grid(args.head_dims or CPU_HEAD_DIMS, args.seqlens or CPU_SEQLENS,
-                    causal_modes, args.dtype)
+        grid = paper_grid(head_dims, seqlens, causal_modes, args.dtype, **options)
+    else:
+        grid = cpu_grid(args.head_dims or CPU_HEAD_DIMS, args.seqlens or CPU_SEQLENS,
+                        causal_modes, args.dtype, **options)
+    for shape in grid:
+        if shape.num_heads % shape.kv_group:
+            raise SystemExit(f"--kv-group {shape.kv_group} does not divide the "
+                             f"{shape.num_heads} heads of head dim {shape.head_dim}")
+    return grid
+
+
+def visible_pairs(shape: Shape) -> int:
+    """(query, key) pairs that causal and the window leave visible, per (batch, head)."""
+    rows = np.arange(shape.seqlen)
+    left, right = shape.window_size
+    if shape.causal:
+        right = 0
+    first = np.maximum(rows - left, 0) if left >= 0 else np.zeros_like(rows)
+    last = np.minimum(rows + right, shape.seqlen - 1) if right >= 0 else np.full_like(
+        rows, shape.seqlen - 1)
+    return int(np.sum(last - first + 1))
 
 
 def forward_flops(shape: Shape) -> float:
-    """Two matmuls of 2·seqlen²·head_dim per (batch, head); causal counts exactly half."""
+    """Two matmuls of 2·seqlen²·head_dim per (batch, head); causal counts exactly half, a window
+    the pairs it leaves."""
+    if shape.window >= 0:
+        return 4.0 * shape.batch * shape.num_heads * visible_pairs(shape) * shape.head_dim
     flops = 4.0 * shape.batch * shape.num_heads * shape.seqlen ** 2 * shape.head_dim
     return flops / 2 if shape.causal else flops
 
@@ -144,15 +181,19 @@ def pass_flops(shape: Shape, pass_: str) -> float:
 
 # --- The implementations ----------------------------------------------------------------------
 
-def attention_fn(impl: str, causal: bool, softmax_scale: float, backend: str):
-    """(q, k, v) -> out for `impl`, and the path it takes ("cuda", "cudnn" or "xla")."""
+def attention_fn(impl: str, shape: Shape, softmax_scale: float, backend: str):
+    """(q, k, v) -> out for `impl`, and the path it takes ("cuda", "cudnn" or "xla"). jax-flash
+    with a window runs its XLA path until the kernels have windows."""
     if impl in ("flash", "flash_xla"):
-        path = "cuda" if impl == "flash" and backend == "gpu" else "xla"
-        fn = functools.partial(jax_flash.flash_attention, causal=causal,
-                               softmax_scale=softmax_scale, implementation=path)
+        kernel = impl == "flash" and backend == "gpu" and shape.window < 0
+        path = "cuda" if kernel else "xla"
+        fn = functools.partial(jax_flash.flash_attention, causal=shape.causal,
+                               softmax_scale=softmax_scale, implementation=path,
+                               window_size=shape.window_size)
         return fn, path
-    fn = functools.partial(jax.nn.dot_product_attention, is_causal=causal, scale=softmax_scale,
-                           implementation=impl)
+    window = shape.window_size if shape.window >= 0 else None
+    fn = functools.partial(jax.nn.dot_product_attention, is_causal=shape.causal,
+                           scale=softmax_scale, implementation=impl, local_window_size=window)
     return fn, impl
 
 
@@ -189,9 +230,10 @@ def skip_reason(impl: str, shape: Shape, backend: str, xla_max_seqlen: int,
 
 def random_inputs(shape: Shape, key) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Standard-normal q, k, v: never zeros, which hide wrong results and can run faster."""
-    dims = (shape.batch, shape.seqlen, shape.num_heads, shape.head_dim)
-    return tuple(jax.random.normal(part, dims, DTYPES[shape.dtype])
-                 for part in jax.random.split(key, 3))
+    heads = (shape.num_heads, shape.num_kv_heads, shape.num_kv_heads)
+    return tuple(jax.random.normal(part, (shape.batch, shape.seqlen, h, shape.head_dim),
+                                   DTYPES[shape.dtype])
+                 for part, h in zip(jax.random.split(key, 3), heads))
 
 
 def time_per_call(fn, input_sets, settings: TimingSettings) -> tuple[float, int]:
@@ -224,38 +266,46 @@ def random_cotangent(shape: Shape, key) -> jax.Array:
     return jax.random.normal(key, dims, jnp.float32)
 
 
-def error_slice(x: jax.Array) -> jax.Array:
-    return x[:ERROR_BATCH, :, :ERROR_HEADS]
+def error_slice(x: jax.Array, axis: str, kv_group: int) -> jax.Array:
+    """The oracle's slice of a query-side ("q": q, out, dq, dout) or key-side ("k") array: the
+    first ERROR_HEADS query heads, or with grouped-query attention the first group, and the kv
+    heads they read."""
+    q_heads = ERROR_HEADS if kv_group == 1 else kv_group
+    heads = q_heads if axis == "q" else q_heads // kv_group
+    return x[:ERROR_BATCH, :, :heads]
 
 
-def _reference_fwd(q, k, v, dout, *, causal, softmax_scale):
-    out, _ = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale)
+_STATIC = ("causal", "softmax_scale", "window_size")
+
+
+def _reference_fwd(q, k, v, dout, *, causal, softmax_scale, window_size):
+    out, _ = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                 window_size=window_size)
     return (out,)
 
 
-def _reference_loss(q, k, v, dout, *, causal, softmax_scale):
-    return jnp.sum(_reference_fwd(q, k, v, dout, causal=causal, softmax_scale=softmax_scale)[0]
-                   * dout)
+def _reference_loss(q, k, v, dout, **options):
+    return jnp.sum(_reference_fwd(q, k, v, dout, **options)[0] * dout)
 
 
 # Per pass: the oracle, and which of its outputs run along the queries (a chunk's rows are final)
 # or along the keys (a chunk adds its part to every key it sees).
 _REFERENCES = {
-    "fwd": (jax.jit(_reference_fwd, static_argnames=("causal", "softmax_scale")), ("q",)),
-    "fwd_bwd": (jax.jit(jax.grad(_reference_loss, argnums=(0, 1, 2)),
-                        static_argnames=("causal", "softmax_scale")), ("q", "k", "k")),
+    "fwd": (jax.jit(_reference_fwd, static_argnames=_STATIC), ("q",)),
+    "fwd_bwd": (jax.jit(jax.grad(_reference_loss, argnums=(0, 1, 2)), static_argnames=_STATIC),
+                ("q", "k", "k")),
 }
 
 
-def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool,
-                      softmax_scale: float) -> list[np.ndarray]:
+def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale: float,
+                      window_size: tuple[int, int] = (-1, -1)) -> list[np.ndarray]:
     """The float32 oracle's (out,) or (dq, dk, dv), computed on the host CPU (apart from the device
     under test, and with no autotuning per shape), REFERENCE_CHUNK query rows at a time to bound
     its memory. The loss is a sum over query rows, so the chunks' gradients add up to the whole's.
 
     The bench's shapes are square (seqlen_q == seqlen_k). For causal, the queries [start, stop) see
     no key at or past `stop`; handing the oracle only keys [0, stop) keeps its bottom-right
-    alignment equal to the full problem's.
+    alignment equal to the full problem's (and a window's, which is aligned like causal).
     """
     cpu = jax.devices("cpu")[0]
     q, k, v, dout = (jax.device_put(x, cpu).astype(jnp.float32) for x in (q, k, v, dout))
@@ -266,7 +316,7 @@ def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool,
         stop = min(start + REFERENCE_CHUNK, seqlen)
         keys = stop if causal else seqlen
         parts = oracle(q[:, start:stop], k[:, :keys], v[:, :keys], dout[:, start:stop],
-                       causal=causal, softmax_scale=softmax_scale)
+                       causal=causal, softmax_scale=softmax_scale, window_size=window_size)
         for axis, total, part in zip(axes, totals, parts):
             if axis == "q":
                 total[:, start:stop] = part
@@ -275,11 +325,11 @@ def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool,
     return totals
 
 
-def output_errors(outputs, references) -> tuple[float, float]:
+def output_errors(pass_: str, outputs, references, kv_group: int) -> tuple[float, float]:
     """The largest, over the checked outputs, of max |x − ref| and of ‖x − ref‖₂ / ‖ref‖₂."""
     max_abs, rel = 0.0, 0.0
-    for x, ref in zip(outputs, references):
-        diff = np.asarray(error_slice(x), np.float32) - ref
+    for x, ref, axis in zip(outputs, references, _REFERENCES[pass_][1]):
+        diff = np.asarray(error_slice(x, axis, kv_group), np.float32) - ref
         max_abs = max(max_abs, float(np.abs(diff).max()))
         rel = max(rel, float(np.linalg.norm(diff) / np.linalg.norm(ref)))
     return max_abs, rel
@@ -299,19 +349,23 @@ def bench_shape(shape: Shape, impls, passes, settings: TimingSettings, backend: 
         reasons = {impl: skip_reason(impl, shape, backend, xla_max_seqlen, deadline)
                    for impl in impls}
         if not all(reasons.values()):
-            reference = reference_outputs(pass_, *map(error_slice, (*input_sets[0], dout)),
-                                          causal=shape.causal, softmax_scale=softmax_scale)
+            sliced = [error_slice(x, axis, shape.kv_group)
+                      for x, axis in zip((*input_sets[0], dout), ("q", "k", "k", "q"))]
+            reference = reference_outputs(pass_, *sliced, causal=shape.causal,
+                                          softmax_scale=softmax_scale,
+                                          window_size=shape.window_size)
         for impl in impls:
             row = {"impl": impl, "pass": pass_, **dataclasses.asdict(shape)}
             if reasons[impl]:
                 rows.append({**row, "status": f"skipped: {reasons[impl]}"})
                 continue
-            attention, row["path"] = attention_fn(impl, shape.causal, softmax_scale, backend)
+            attention, row["path"] = attention_fn(impl, shape, softmax_scale, backend)
             start = time.perf_counter()
             try:
                 jitted = jax.jit(pass_fn(pass_, attention))
                 seconds, calls = time_per_call(jitted, inputs, settings)
-                max_abs_err, rel_err = output_errors(jitted(*inputs[0]), reference)
+                max_abs_err, rel_err = output_errors(pass_, jitted(*inputs[0]), reference,
+                                                     shape.kv_group)
             except Exception as e:  # noqa: BLE001 - a failing impl (OOM, no gradient) is a result
                 message = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 rows.append({**row, "status": f"error: {type(e).__name__}: {message}"[:300]})
@@ -363,8 +417,10 @@ def run_metadata(argv, backend: str, dtype: str, passes, settings: TimingSetting
         "dtype": dtype,
         "passes": list(passes),
         "timing": dataclasses.asdict(settings),
-        "flops": "fwd: 4*batch*heads*seqlen^2*head_dim, halved for causal; fwd_bwd: 3.5x fwd",
-        "error": f"vs float32 oracle on batch[:{ERROR_BATCH}], heads[:{ERROR_HEADS}]; "
+        "flops": "fwd: 4*batch*heads*seqlen^2*head_dim, halved for causal (with a window: the "
+                 "visible pairs instead of seqlen^2); fwd_bwd: 3.5x fwd",
+        "error": f"vs float32 oracle on batch[:{ERROR_BATCH}], query heads[:{ERROR_HEADS}] "
+                 "(with GQA, the first group); "
                  "fwd_bwd: the worst of dq, dk, dv, for loss = sum(out * dout)",
         "rows": [],
     }
@@ -409,6 +465,11 @@ def parse_args(argv) -> argparse.Namespace:
                         help=f"comma list of {IMPLS} (default {','.join(DEFAULT_IMPLS)})")
     parser.add_argument("--causal", choices=tuple(CAUSAL_MODES), default="both")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    parser.add_argument("--kv-group", type=int, default=1,
+                        help="query heads per kv head (grouped-query attention; default 1)")
+    parser.add_argument("--window", type=int, default=-1,
+                        help="sliding window: keys within W of the diagonal on each side "
+                             "(with causal, to the left only); default none")
     parser.add_argument("--quick", action="store_true",
                         help="fewer seqlens and shorter timing, for a first look")
     parser.add_argument("--xla-max-seqlen", type=int, default=DEFAULT_XLA_MAX_SEQLEN,

@@ -27,6 +27,18 @@ def test_flops():
     assert bench.pass_flops(_shape(True), "fwd_bwd") == 3.5 * forward / 2
 
 
+def test_window_flops_count_the_visible_pairs():
+    # Counted against a dense mask on an odd size: the window's edges clip at both ends.
+    seqlen, window = 37, 5
+    i, j = np.arange(seqlen)[:, None], np.arange(seqlen)[None, :]
+    for causal in (False, True):
+        visible = (j >= i - window) & (j <= (i if causal else i + window))
+        shape = bench.Shape(batch=3, seqlen=seqlen, num_heads=2, head_dim=16, causal=causal,
+                            dtype="bf16", window=window)
+        assert bench.visible_pairs(shape) == visible.sum()
+        assert bench.forward_flops(shape) == 4 * 3 * 2 * 16 * visible.sum()
+
+
 def test_chunked_oracle_gradients_match_whole(make_qkv, monkeypatch):
     # Causal, so that each chunk sees a different prefix of the keys; 40 rows in chunks of 32
     # leave a partial last chunk.
@@ -123,6 +135,19 @@ def test_tiny_run_both_passes_survives_a_raising_gradient(tmp_path, monkeypatch)
             assert row["status"] == "ok" and 0 < row["rel_err"] < 2e-2 and row["tflops"] > 0
     for pass_ in bench.PASSES:
         assert (tmp_path / f"tiny_{pass_}_d32.png").stat().st_size > 0
+
+
+def test_grouped_query_and_window_rows(tmp_path, monkeypatch):
+    # k and v with half the heads, a window of 8 keys: every row runs and meets the oracle,
+    # whose slice must then take a whole group of query heads with its kv head.
+    monkeypatch.setattr(bench, "QUICK_TIMING", bench.TimingSettings(1, 1, 0.0))
+    out = tmp_path / "gqa.json"
+    bench.main(["--out", str(out), "--no-charts", "--passes", "fwd_bwd", "--impls",
+                "flash,xla", "--kv-group", "2", "--window", "8", *TINY])
+    rows = json.loads(out.read_text())["rows"]
+    assert {(row["kv_group"], row["window"]) for row in rows} == {(2, 8)}
+    for row in rows:
+        assert row["status"] == "ok" and 0 < row["rel_err"] < 2e-2, row
 
 
 def test_max_seconds_skips_what_is_left(tmp_path):
