@@ -59,11 +59,13 @@ def visible_keys(cache_lengths, chunk_length: int, max_length: int, window_left:
     return visible[:, None]
 
 
-def poison_overflow(out, cache_lengths, max_length: int):
-    """NaN for the queries of out [batch, chunk, heads, d] whose position is past the cache: their
-    keys were dropped, and a silently truncated context would look like a valid answer."""
-    fits = query_positions(cache_lengths, out.shape[1]) < max_length
-    return jnp.where(fits[:, :, None, None], out, jnp.nan)
+def poison_overflow(out, cache_lengths, chunk_lengths, max_length: int):
+    """NaN for the real queries of out [batch, chunk, heads, d] whose position is past the cache:
+    their keys were dropped, and a silently truncated context would look like a valid answer.
+    Padding queries are left finite, so that NaN never appears in a call whose real tokens fit."""
+    overflows = query_positions(cache_lengths, out.shape[1]) >= max_length
+    real = jnp.arange(out.shape[1]) < chunk_lengths[:, None]
+    return jnp.where((overflows & real)[:, :, None, None], jnp.nan, out)
 
 
 def decode(query, key, value, cache, chunk_lengths, mask, window_size, attention):
@@ -92,6 +94,14 @@ def decode(query, key, value, cache, chunk_lengths, mask, window_size, attention
         check_broadcasts("mask", mask, (batch,), query.shape[2], chunk, max_length)
         visible = jnp.logical_and(visible, as_bool_mask(mask))
     out = attention(query, cached_key, cached_value, visible)
-    out = poison_overflow(out, cache_lengths, max_length)
-    new_lengths = cache_lengths + jnp.asarray(chunk_lengths, cache_lengths.dtype)
+    chunk_lengths = jnp.asarray(chunk_lengths, cache_lengths.dtype)
+    out = poison_overflow(out, cache_lengths, chunk_lengths, max_length)
+    new_lengths = cache_lengths + chunk_lengths
     return out, (cached_key, cached_value, new_lengths)
+
+
+def attend_cached(attend, query, key, value, visible):
+    """decode's attention through flash_attention_fn (`attend`), the window left out: it is
+    already in `visible`, relative to each query's position, whereas flash_attention would align
+    it to the end of the cache."""
+    return attend(query, key, value, mask=visible, window_size=None)

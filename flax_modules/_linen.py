@@ -35,8 +35,8 @@ class FlashMultiHeadDotProductAttention(nn.Module):
     mutable=["cache"])` appends a chunk [batch, chunk, features] (one token or many) to every
     sequence at its own length, with chunk_lengths [batch] saying how many of the chunk's tokens
     are real (default all; the rest are padding whose outputs mean nothing). Queries see the
-    cached keys up to their own position, so decoding is causal whatever `causal` says. A query
-    whose position is past max_length gets NaN.
+    cached keys up to their own position, so decoding is causal whatever `causal` says. A real
+    token whose position is past max_length gets NaN (padding stays finite).
     """
 
     num_heads: int
@@ -113,7 +113,7 @@ class FlashMultiHeadDotProductAttention(nn.Module):
                      self.variable("cache", "cache_lengths"))
             x, new_cache = _kv_cache.decode(
                 query, key, value, tuple(c.value for c in cache), chunk_lengths, mask,
-                self.window_size, functools.partial(_attend_cached, attend))
+                self.window_size, functools.partial(_kv_cache.attend_cached, attend))
             for variable, new_value in zip(cache, new_cache):
                 variable.value = new_value
         else:
@@ -132,9 +132,3 @@ class FlashMultiHeadDotProductAttention(nn.Module):
             bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
             dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
             name="out")(x)
-
-
-def _attend_cached(attend, query, key, value, visible):
-    # The window is already in `visible`, relative to each query's position; flash_attention
-    # would align it to the end of the cache instead.
-    return attend(query, key, value, mask=visible, window_size=None)

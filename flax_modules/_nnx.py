@@ -30,8 +30,8 @@ class FlashMultiHeadAttention(nnx.Module):
     call with decode=True appends a chunk [batch, chunk, features] (one token or many) to every
     sequence at its own length; chunk_lengths [batch] says how many of the chunk's tokens are real
     (default all; the outputs of the padding mean nothing). Queries see the cached keys up to
-    their own position, so decoding is causal whatever `causal` says. A query whose position is
-    past max_length gets NaN.
+    their own position, so decoding is causal whatever `causal` says. A real token whose
+    position is past max_length gets NaN (padding stays finite).
     """
 
     def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None,
@@ -136,7 +136,7 @@ class FlashMultiHeadAttention(nnx.Module):
             cache = (self.cached_key, self.cached_value, self.cache_lengths)
             x, new_cache = _kv_cache.decode(
                 query, key, value, tuple(c[...] for c in cache), chunk_lengths, mask,
-                self.window_size, functools.partial(_attend_cached, attend))
+                self.window_size, functools.partial(_kv_cache.attend_cached, attend))
             for variable, new_value in zip(cache, new_cache):
                 variable[...] = new_value
         else:
@@ -153,9 +153,3 @@ class FlashMultiHeadAttention(nnx.Module):
         self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
         self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
         self.cache_lengths = nnx.Cache(jnp.zeros((batch,), jnp.int32))
-
-
-def _attend_cached(attend, query, key, value, visible):
-    # The window is already in `visible`, relative to each query's position; flash_attention
-    # would align it to the end of the cache instead.
-    return attend(query, key, value, mask=visible, window_size=None)

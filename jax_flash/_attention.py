@@ -15,6 +15,7 @@ from jax_flash._config import FlashConfig
 from jax_flash._dropout import dropout_seed
 from jax_flash._fwd_primitive import flash_fwd_p
 from jax_flash._kernel_choice import check_kernel_features
+from jax_flash._segments import segment_operands
 from jax_flash._sinks import add_sinks, sinks_grad
 from jax_flash._validation import (
     check_alibi_slopes,
@@ -42,7 +43,7 @@ RESIDUAL_NAMES = ("flash_attention_q", "flash_attention_k", "flash_attention_v",
 def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=False,
                     implementation=None, deterministic=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, mask=None, bias=None, dropout_rate=0.0, dropout_rng=None,
-                    sinks=None):
+                    sinks=None, q_segment_ids=None, kv_segment_ids=None):
     """Scaled dot-product attention, softmax(q k^T * softmax_scale) v, without the score matrix.
 
     Args:
@@ -83,6 +84,13 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
         kernel, when it gains dropout, will draw a different one from the same key.
       sinks: float [heads]: one logit per query head that joins each row's softmax denominator
         and contributes no value (attention sinks, as in gpt-oss); lse includes it.
+      q_segment_ids: integer [batch, seqlen_q] (cast to int32): packed sequences. Query i sees
+        key j only when q_segment_ids[i] == kv_segment_ids[j]; a negative id is padding, which
+        sees and is seen by nothing (out 0, lse -inf, gradient 0). Every other option applies
+        within that, causal, window_size and ALiBi on the positions in the row as above (so
+        with q and k packed alike, causal is causal within each segment). Not differentiable.
+      kv_segment_ids: integer [batch, seqlen_k]; defaults to q_segment_ids when seqlen_q ==
+        seqlen_k. flash_attention_varlen takes the same packing as cu_seqlens.
 
     Returns:
       out [batch, seqlen_q, heads, head_dim] in q's dtype, or (out, lse) with lse float32
@@ -94,6 +102,21 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
     raises JAX's TypeError for functions with a custom VJP, and derivatives of the gradient
     (jax.hessian, grad of grad) raise NotImplementedError.
     """
+    return flash_attention_with_positions(
+        q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
+        implementation=implementation, deterministic=deterministic, window_size=window_size,
+        softcap=softcap, alibi_slopes=alibi_slopes, mask=mask, bias=bias,
+        dropout_rate=dropout_rate, dropout_rng=dropout_rng, sinks=sinks,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, positions=None)
+
+
+def flash_attention_with_positions(q, k, v, *, causal, softmax_scale, return_lse, implementation,
+                                   deterministic, window_size, softcap, alibi_slopes, mask, bias,
+                                   dropout_rate, dropout_rng, sinks, q_segment_ids,
+                                   kv_segment_ids, positions):
+    """flash_attention, with one more option for flash_attention_varlen: positions, None or
+    int32 ([batch, seqlen_q], [batch, seqlen_k]) per-token positions that replace
+    i + seqlen_k - seqlen_q and j in causal, window_size and ALiBi (see _tile_scores)."""
     q, k, v = (_as_array(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
     check_qkv(q, k, v)
     check_implementation(implementation)
@@ -114,6 +137,13 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
             x = _as_array(name, x)
             check_broadcastable(name, x, scores_shape, kind)
             extras[name] = x.reshape((1,) * (4 - x.ndim) + x.shape)
+    if q_segment_ids is not None:
+        q_segment_ids = _as_array("q_segment_ids", q_segment_ids)
+    if kv_segment_ids is not None:
+        kv_segment_ids = _as_array("kv_segment_ids", kv_segment_ids)
+    extras.update(segment_operands(q_segment_ids, kv_segment_ids, batch, seqlen_q, k.shape[1]))
+    if positions is not None:
+        extras["q_positions"], extras["kv_positions"] = positions
     rate = check_dropout(dropout_rate, None if dropout_rng is None else
                          _as_array("dropout_rng", dropout_rng))
     if rate > 0:
@@ -133,6 +163,8 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
         has_alibi_slopes="alibi_slopes" in extras,
         has_mask="mask" in extras,
         has_bias="bias" in extras,
+        has_segment_ids="q_segment_ids" in extras,
+        has_positions="q_positions" in extras,
     )
     if implementation == "cuda":
         check_kernel_features(config)
@@ -178,7 +210,8 @@ def _attention_bwd(config: FlashConfig, residuals, cotangents):
     dq, dk, dv, *feature_grads = flash_bwd_p.bind(*residuals, dout, dlse, *extras, config=config)
     grad_of = dict(zip([name for name in ("bias", "alibi_slopes")
                         if name in config.extra_operand_names()], feature_grads))
-    # mask and dropout_seed are not differentiable: their cotangents are float0 zeros.
+    # mask, segment ids, positions and dropout_seed are not differentiable: their cotangents are
+    # float0 zeros.
     dextras = tuple(grad_of[name] if name in grad_of else np.zeros(x.shape, jax.dtypes.float0)
                     for name, x in zip(config.extra_operand_names(), extras))
     _, _, _, out, lse = residuals

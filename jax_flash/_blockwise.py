@@ -104,7 +104,8 @@ def blockwise_attention(q, k, v, *extras, causal: bool, softmax_scale: float,
     """out [b, sq, h, d] in q's dtype and lse [b, h, sq] float32 of softmax(q k^T * scale) v.
 
     k and v have kv_heads dividing h (grouped-query attention). features are FlashConfig's
-    feature fields (window_size, softcap, dropout_rate, has_alibi_slopes, has_mask, has_bias) and
+    feature fields (window_size, softcap, dropout_rate, has_alibi_slopes, has_mask, has_bias,
+    has_segment_ids, has_positions) and
     extras the operands they call for, in the order of FlashConfig.extra_operand_names(); see
     _tile_scores for their semantics. block_q and block_k default to a tile size chosen from
     batch * heads; any sizes give the same result up to rounding (and the same dropout mask).

@@ -3,8 +3,8 @@
   operands q [b, sq, h, d], k [b, sk, hk, d], v [b, sk, hk, d] (one dtype, hk divides h),
            out [b, sq, h, d] and lse float32 [b, h, sq] (the forward's results), dout
            [b, sq, h, d] and dlse float32 [b, h, sq] (their cotangents), then the forward's
-           feature operands in its order (alibi_slopes, mask, bias, dropout_seed; see
-           _fwd_primitive), each only when the config uses it
+           feature operands in its order (alibi_slopes, mask, bias, segment ids, positions,
+           dropout_seed; see _fwd_primitive), each only when the config uses it
   results  dq, dk, dv, shaped and typed as q, k, v; then dbias (shaped and typed as bias) when
            there is a bias, and dalibi_slopes float32 [b, h] when there are slopes
   params   config: the forward's FlashConfig

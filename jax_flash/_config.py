@@ -21,6 +21,11 @@ class FlashConfig:
     dropout_rate: the probability of dropping each attention probability; 0 draws nothing.
     has_alibi_slopes, has_mask, has_bias: whether these extra operands follow q, k, v (see
       extra_operand_names); a dropout_seed operand follows them iff dropout_rate > 0.
+    has_segment_ids: q_segment_ids and kv_segment_ids follow (see _segments): a query sees only
+      keys of its own segment, and negative ids are padding.
+    has_positions: q_positions and kv_positions follow: per-token positions that replace
+      i + seqlen_k - seqlen_q and j in causal, window_size and ALiBi (flash_attention_varlen's
+      per-sequence alignment).
     """
 
     causal: bool
@@ -33,17 +38,27 @@ class FlashConfig:
     has_alibi_slopes: bool = False
     has_mask: bool = False
     has_bias: bool = False
+    has_segment_ids: bool = False
+    has_positions: bool = False
 
     def extra_operand_names(self) -> tuple[str, ...]:
         """The primitives' operands after q, k, v (and the backward's out, lse, dout, dlse), in
-        their fixed order: alibi_slopes, mask, bias, dropout_seed, each only when in use."""
-        present = (self.has_alibi_slopes, self.has_mask, self.has_bias, self.dropout_rate > 0)
-        names = ("alibi_slopes", "mask", "bias", "dropout_seed")
+        their fixed order: alibi_slopes, mask, bias, q_segment_ids, kv_segment_ids, q_positions,
+        kv_positions, dropout_seed, each only when in use."""
+        present = (self.has_alibi_slopes, self.has_mask, self.has_bias, self.has_segment_ids,
+                   self.has_segment_ids, self.has_positions, self.has_positions,
+                   self.dropout_rate > 0)
+        names = ("alibi_slopes", "mask", "bias", "q_segment_ids", "kv_segment_ids",
+                 "q_positions", "kv_positions", "dropout_seed")
         return tuple(name for name, used in zip(names, present) if used)
 
     def features(self) -> tuple[str, ...]:
         """The options beyond plain and causal attention this call uses, by argument name."""
         used = [name for name in ("alibi_slopes", "mask", "bias") if getattr(self, "has_" + name)]
+        if self.has_positions:  # only flash_attention_varlen passes positions
+            used.append("flash_attention_varlen")
+        elif self.has_segment_ids:
+            used.append("segment_ids")
         if self.window_size != (-1, -1):
             used.append("window_size")
         if self.softcap:

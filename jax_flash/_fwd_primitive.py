@@ -11,7 +11,8 @@ on every other platform) to the blockwise XLA implementation. The FFI contract o
 
 The primitive's operands are q, k, v followed by the feature operands its config uses, in this
 fixed order (FlashConfig.extra_operand_names): alibi_slopes float32 [b, h], mask bool and bias
-float, each 4-D broadcastable to [b, h, sq, sk], dropout_seed uint32 [b, 2]. Calls with any of
+float, each 4-D broadcastable to [b, h, sq, sk], q_segment_ids and q_positions int32 [b, sq],
+kv_segment_ids and kv_positions int32 [b, sk], dropout_seed uint32 [b, 2]. Calls with any of
 these, or with window_size, softcap or dropout, take the XLA path until the kernel gains them.
 """
 

@@ -3,8 +3,9 @@ backward primitives: the implementation asked for, the features, the dtype, this
 the head dim.
 
 The kernels run plain and causal attention, grouped-query attention included (and sinks, which
-flash_attention applies around them). Every other feature takes the XLA path until the kernels
-gain it; implementation="cuda" then raises, naming the features.
+flash_attention applies around them). Every other feature, segment ids and
+flash_attention_varlen included, takes the XLA path until the kernels gain it;
+implementation="cuda" then raises, naming the features.
 """
 
 import functools

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 def attention_reference(q, k, v, *, causal=False, softmax_scale=None, compute_dtype=jnp.float32,
                         window_size=(-1, -1), softcap=0.0, alibi_slopes=None, mask=None,
-                        bias=None, sinks=None, dropout_rate=0.0, dropout_keep=None):
+                        bias=None, sinks=None, dropout_rate=0.0, dropout_keep=None,
+                        q_segment_ids=None, kv_segment_ids=None):
     """Attention over [batch, seqlen, heads, head_dim] inputs, computed densely in `compute_dtype`.
 
     With the default float32 this is the oracle: inputs are upcast, matrix products run at full
@@ -24,7 +25,9 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, compute_dt
     [b, h, sq, sk]; sinks [h] join each row's softmax denominator with no value. A query that sees
     no key gets out = 0 and lse = -inf (the log of an empty sum; with sinks, lse = the sink).
     Dropout keeps the probabilities where dropout_keep [b, h, sq, sk] is True and scales them by
-    1 / (1 - dropout_rate); lse is that of the probabilities before dropout.
+    1 / (1 - dropout_rate); lse is that of the probabilities before dropout. With segment ids
+    q_segment_ids [b, sq] and kv_segment_ids [b, sk] (default: q's), query i sees key j only when
+    their ids are equal and not negative (negative: padding).
     """
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
@@ -55,6 +58,10 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, compute_dt
         visible &= key >= diagonal - left
     if mask is not None:
         visible = visible & mask
+    if q_segment_ids is not None:
+        kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+        same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+        visible = visible & (same & (q_segment_ids >= 0)[:, :, None])[:, None]
     scores = jnp.where(visible, scores, -jnp.inf)
     if sinks is not None:
         sink_column = jnp.broadcast_to(sinks.astype(compute_dtype)[None, :, None, None],

@@ -11,7 +11,7 @@ lse, and one last hop brings dk and dv home.
 
 Causal attention needs the global positions of each slice. layout="contiguous" is the plain
 split (device i holds the i-th slice), where a device sees only the slices of devices before it:
-correct, but the last device does n times the first one's work. layout="zigzag" is the balanced
+correct, but the last device does 2n-1 times the first one's work, and every step waits for it. layout="zigzag" is the balanced
 one (see _zigzag): every step after the first is exactly half a slice pair of work on every
 device, and the half that no query sees is skipped.
 """

@@ -19,8 +19,8 @@ The policy, read off one table of which dimension of each operand and result is 
 Batch- and head-sharded inputs thus compile to a program with no collectives at all, and any
 other sharding is gathered explicitly by the partitioner: slower, never wrong.
 
-Inside shard_map (all axes manual), pmap and on one device, custom_partitioning inlines the
-single-device computation.
+Inside shard_map (all axes manual), pmap and on one device, there is nothing to partition:
+lower_partitioned lowers the single-device computation directly.
 """
 
 import math
@@ -58,6 +58,10 @@ DIMS = {
     "alibi_slopes": (BATCH, HEADS),
     "mask": (BATCH, HEADS, SEQLEN_Q, SEQLEN_K),
     "bias": (BATCH, HEADS, SEQLEN_Q, SEQLEN_K),
+    "q_segment_ids": (BATCH, SEQLEN_Q),
+    "kv_segment_ids": (BATCH, SEQLEN_K),
+    "q_positions": (BATCH, SEQLEN_Q),
+    "kv_positions": (BATCH, SEQLEN_K),
     "dropout_seed": (BATCH, SEED),
     "dbias": (BATCH, HEADS, SEQLEN_Q, SEQLEN_K),
     "dalibi_slopes": (BATCH, HEADS),

@@ -30,7 +30,8 @@ def add_sinks(out, lse, sinks):
 
 
 def sinks_grad(out, lse, dout, dlse, sinks):
-    """d sinks [h] for cotangents dout, dlse of out', lse' (the results with the sinks)."""
+    """d sinks [h], from out = out' and lse = lse' (the results with the sinks, as add_sinks
+    returns them) and their cotangents dout, dlse."""
     delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)  # [b, sq, h]
     delta = jnp.transpose(delta, (0, 2, 1)) - dlse  # [b, h, sq]
     sink_probs = jnp.where(jnp.isneginf(lse), 0.0, jnp.exp(sinks[None, :, None] - lse))

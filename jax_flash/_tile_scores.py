@@ -8,14 +8,20 @@ being repeated. From s = softmax_scale · q·kᵀ the scores become, in this ord
     softcap:       s = softcap · tanh(s / softcap)
     alibi_slopes:  s = s − slope · |i + seqlen_k − seqlen_q − j|   (bottom-right aligned)
     bias:          s = s + bias
-    hidden keys:   s = −inf  (padding, causal, window_size, mask)
+    hidden keys:   s = −inf  (padding, causal, window_size, mask, segment ids)
 
 and dropout, after the softmax, keeps each probability with probability 1 − dropout_rate and
 scales it by 1 / (1 − dropout_rate); _dropout draws the mask.
 
 mask and bias keep the shapes they were given (broadcast dimensions stay of size 1), padded to
 whole tiles and sliced a tile at a time, so nothing [batch, heads, seqlen_q, seqlen_k] is
-materialized that the caller did not pass.
+materialized that the caller did not pass. Segment ids ([b, seqlen]) are sliced per tile and
+compared, so they cost O(seqlen): a query sees a key only when both carry the same id, and a
+negative id (padding) sees and is seen by nothing.
+
+Causal, window_size and ALiBi compare the query's position i + seqlen_k − seqlen_q with the
+key's position j (bottom-right aligned); per-token positions, when given (flash_attention_varlen),
+replace both, so each packed sequence is aligned at its own bottom right.
 """
 
 import dataclasses
@@ -43,6 +49,10 @@ class TileScores:
     mask: jax.Array | None  # bool [b | 1, h | 1, sq_padded | 1, sk_padded | 1]
     bias: jax.Array | None  # [b | 1, h | 1, sq_padded | 1, sk_padded | 1]
     dropout_seed: jax.Array | None  # uint32 [b, 2]
+    q_segment_ids: jax.Array | None  # int32 [b, sq_padded], -1 (padding) past seqlen_q
+    kv_segment_ids: jax.Array | None  # int32 [b, sk_padded], -1 (padding) past seqlen_k
+    q_positions: jax.Array | None  # int32 [b, sq_padded]
+    kv_positions: jax.Array | None  # int32 [b, sk_padded]
 
     @classmethod
     def build(cls, config: FlashConfig, q_shape, k_shape, block_q: int, block_k: int, extras):
@@ -61,36 +71,50 @@ class TileScores:
         slopes = named.get("alibi_slopes")
         if slopes is not None:
             slopes = slopes.astype(jnp.float32).reshape(batch, kv_heads, -1, 1, 1)
+
+        def pad_rows(x, seqlen, num_blocks, block, value):  # [b, s] per-token operands
+            return None if x is None else jnp.pad(
+                x, ((0, 0), (0, num_blocks * block - seqlen)), constant_values=value)
+
         mask, bias = named.get("mask"), named.get("bias")
         return cls(
             config=config, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads=heads, kv_heads=kv_heads,
             block_q=block_q, block_k=block_k, alibi_slopes=slopes,
             mask=None if mask is None else pad_tiles(mask, False),
             bias=None if bias is None else pad_tiles(bias, 0),
-            dropout_seed=named.get("dropout_seed"))
+            dropout_seed=named.get("dropout_seed"),
+            q_segment_ids=pad_rows(named.get("q_segment_ids"), seqlen_q, num_q, block_q, -1),
+            kv_segment_ids=pad_rows(named.get("kv_segment_ids"), seqlen_k, num_k, block_k, -1),
+            q_positions=pad_rows(named.get("q_positions"), seqlen_q, num_q, block_q, 0),
+            kv_positions=pad_rows(named.get("kv_positions"), seqlen_k, num_k, block_k, 0))
 
     @property
     def may_skip_tiles(self) -> bool:
         """Whether some tiles can be entirely hidden, so a cheap check may skip them."""
         config = self.config
-        return config.causal or config.window_size != (-1, -1) or self.mask is not None
+        return (config.causal or config.window_size != (-1, -1) or self.mask is not None
+                or self.q_segment_ids is not None)
 
     # ---- the forward's view ---------------------------------------------------------------
 
     def visible(self, q_start, k_start):
         """Which keys each query of the tile sees: bool, broadcastable to the tile's scores."""
-        query, key = self._positions(q_start, k_start)
-        diagonal = query[:, None] + self.seqlen_k - self.seqlen_q  # the key aligned with query
+        _, key = self._positions(q_start, k_start)
+        diagonal, key_position = self._aligned_positions(q_start, k_start)
         visible = (key < self.seqlen_k)[None, :]
         left, right = self.config.window_size
         if self.config.causal:
             right = 0 if right == -1 else min(right, 0)
         if right != -1:
-            visible = visible & (key[None, :] <= diagonal + right)
+            visible = visible & (key_position <= diagonal + right)
         if left != -1:
-            visible = visible & (key[None, :] >= diagonal - left)
+            visible = visible & (key_position >= diagonal - left)
         if self.mask is not None:
             visible = visible & self._split_heads(self._tile_of(self.mask, q_start, k_start))
+        if self.q_segment_ids is not None:
+            q_ids = self._rows_of(self.q_segment_ids, q_start, self.block_q)[..., :, None]
+            kv_ids = self._rows_of(self.kv_segment_ids, k_start, self.block_k)[..., None, :]
+            visible = visible & (q_ids == kv_ids) & (q_ids >= 0)
         return visible
 
     def scores(self, qk, q_start, k_start):
@@ -151,10 +175,27 @@ class TileScores:
     def _positions(self, q_start, k_start):
         return q_start + jnp.arange(self.block_q), k_start + jnp.arange(self.block_k)
 
+    def _aligned_positions(self, q_start, k_start):
+        """(the position of the key aligned with each query, each key's position), broadcastable
+        to the tile's scores: (block_q, 1) and (1, block_k), or [b, 1, 1, ...] per batch element
+        with per-token positions."""
+        if self.q_positions is None:
+            query, key = self._positions(q_start, k_start)
+            return query[:, None] + self.seqlen_k - self.seqlen_q, key[None, :]
+        query = self._rows_of(self.q_positions, q_start, self.block_q)[..., :, None]
+        key = self._rows_of(self.kv_positions, k_start, self.block_k)[..., None, :]
+        return query, key
+
     def _alibi_distance(self, q_start, k_start):
-        query, key = self._positions(q_start, k_start)
-        offset = query[:, None] + self.seqlen_k - self.seqlen_q - key[None, :]
-        return jnp.abs(offset).astype(jnp.float32)  # (block_q, block_k)
+        diagonal, key_position = self._aligned_positions(q_start, k_start)
+        return jnp.abs(diagonal - key_position).astype(jnp.float32)
+
+    @staticmethod
+    def _rows_of(x, start, block):
+        """The tile's slice of a [b, s] per-token operand, as [b, 1, 1, block] to meet the
+        scores' (kv_heads, group) axes."""
+        tile = lax.dynamic_slice(x, (jnp.zeros_like(start), start), (x.shape[0], block))
+        return tile[:, None, None, :]
 
     def _tile_starts(self, x, q_start, k_start):
         zero = jnp.zeros_like(q_start)

@@ -162,7 +162,8 @@ def check_broadcastable(name: str, x, target: tuple[int, ...], kind) -> None:
 
 def check_extra_operands(q, k, names, extras) -> None:
     """The primitives' feature operands as flash_attention prepares them: alibi_slopes float32
-    [b, h], mask and bias 4-D broadcastable to [b, h, sq, sk], dropout_seed uint32 [b, 2]."""
+    [b, h], mask and bias 4-D broadcastable to [b, h, sq, sk], q_segment_ids and q_positions
+    int32 [b, sq], kv_segment_ids and kv_positions int32 [b, sk], dropout_seed uint32 [b, 2]."""
     if len(names) != len(extras):
         raise ValueError(f"jax-flash: expected the operands {names}; got {len(extras)} of them")
     batch, seqlen_q, heads, _ = q.shape
@@ -172,6 +173,9 @@ def check_extra_operands(q, k, names, extras) -> None:
             ok = tuple(x.shape) == (batch, heads) and x.dtype == jnp.float32
         elif name == "dropout_seed":
             ok = tuple(x.shape) == (batch, 2) and x.dtype == jnp.uint32
+        elif name in ("q_segment_ids", "q_positions", "kv_segment_ids", "kv_positions"):
+            seqlen = seqlen_q if name.startswith("q_") else k.shape[1]
+            ok = tuple(x.shape) == (batch, seqlen) and x.dtype == jnp.int32
         else:
             ok = len(x.shape) == 4
             check_broadcastable(name, x, scores, jnp.bool_ if name == "mask" else jnp.floating)
@@ -179,6 +183,17 @@ def check_extra_operands(q, k, names, extras) -> None:
             raise ValueError(
                 f"jax-flash: the operand {name} has an unexpected "
                 f"{jnp.dtype(x.dtype).name}{list(x.shape)} for q {list(q.shape)}")
+
+
+def check_segment_ids(name: str, segment_ids, batch: int, seqlen: int, of: str) -> None:
+    """q_segment_ids / kv_segment_ids: integers [batch, seqlen] of q (`of` = "q") or k."""
+    got = f"{jnp.dtype(segment_ids.dtype).name}{list(segment_ids.shape)}"
+    if tuple(segment_ids.shape) != (batch, seqlen):
+        raise ValueError(
+            f"jax-flash: {name} must be [batch, seqlen_{of}] = [{batch}, {seqlen}] (axes 0 and 1 "
+            f"of {of}); got {got}")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise TypeError(f"jax-flash: {name} must be an integer array (int32); got {got}")
 
 
 def check_kernel_dtype(dtype) -> None:

@@ -47,6 +47,7 @@ def test_train_gpt_jit_and_pmap_agree_and_generate():
         pmap_losses, pmap_text = losses(train_gpt_pmap.main, common + ["--generate", "0"])
         assert "8 x cpu" in pmap_text, pmap_text
         assert len(jit_losses) == 3 and jit_losses[-1] < jit_losses[0], jit_losses
+        assert len(pmap_losses) == 3, pmap_losses
         assert all(abs(a - b) < 1e-4 for a, b in zip(jit_losses, pmap_losses)), (jit_losses,
                                                                                  pmap_losses)
         samples = re.findall(r"'([^']*)' -> '([^']*)'", jit_text)

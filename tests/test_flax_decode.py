@@ -1,8 +1,6 @@
 """KV-cache decoding: feeding a sequence token by token or in chunks, with different lengths per
 sequence, gives what the full sequence gives at once (causal); the cache is updated in place."""
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,16 +9,11 @@ import pytest
 pytest.importorskip("flax")
 from flax import nnx  # noqa: E402
 
-import jax_flash  # noqa: E402
 from jax_flash.flax_modules import (  # noqa: E402
     FlashMultiHeadAttention,
     FlashMultiHeadDotProductAttention,
     _kv_cache,
 )
-
-pytestmark = pytest.mark.skipif(
-    "mask" not in inspect.signature(jax_flash.flash_attention).parameters,
-    reason="decoding attends through jax_flash.flash_attention(mask=), not there yet (issue 4)")
 
 TOL = dict(rtol=5e-5, atol=5e-5)
 BATCH, MAX_LENGTH, FEATURES = 2, 16, 24
@@ -154,12 +147,18 @@ def test_overflowing_the_cache_gives_nan_not_a_truncated_answer():
     def feed(chunk, cache):
         return _kv_cache.decode(chunk, chunk, chunk, cache, None, None, None, masked_mean)
 
-    out, cache = feed(values[:, :3], cache)
-    out, cache = feed(values[:, 3:], cache)
+    _, start = feed(values[:, :3], cache)
+    out, cache = feed(values[:, 3:], start)
     np.testing.assert_array_equal(cache[1], values[:, :5])
     np.testing.assert_allclose(out[:, :2], jnp.cumsum(values[:, :5], 1)[:, 3:5] / jnp.arange(
         4, 6)[None, :, None, None], rtol=1e-6, atol=1e-6)
     assert np.isnan(out[:, 2:]).all()
+    # Only real tokens are poisoned: padding past the cache stays finite.
+    real_tokens = jnp.asarray([2, 3], jnp.int32)
+    out, _ = jax.jit(_kv_cache.decode, static_argnums=(5, 6, 7))(
+        values[:, 3:6], values[:, 3:6], values[:, 3:6], start, real_tokens, None, None,
+        masked_mean)
+    assert np.isfinite(out[0]).all() and np.isnan(out[1, 2:]).all()
 
 
 def test_decode_errors_name_the_shapes():

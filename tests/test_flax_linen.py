@@ -2,8 +2,6 @@
 FlashMultiHeadDotProductAttention, equal Flax's stock module (same params) in outputs and
 gradients; float32, odd sizes."""
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,31 +10,10 @@ import pytest
 pytest.importorskip("flax")
 from flax import linen as nn  # noqa: E402
 
-import jax_flash  # noqa: E402
 from jax_flash.flax_modules import (  # noqa: E402
     FlashMultiHeadDotProductAttention,
     flash_attention_fn,
 )
-
-_FEATURES = inspect.signature(jax_flash.flash_attention).parameters
-needs_mask = pytest.mark.skipif("mask" not in _FEATURES,
-                                reason="jax_flash.flash_attention has no mask= yet (issue 4)")
-needs_dropout = pytest.mark.skipif(
-    "dropout_rate" not in _FEATURES,
-    reason="jax_flash.flash_attention has no dropout_rate= yet (issue 4)")
-
-
-def _gqa_supported() -> bool:
-    try:
-        jax_flash.flash_attention(jnp.ones((1, 2, 4, 8)), jnp.ones((1, 2, 2, 8)),
-                                  jnp.ones((1, 2, 2, 8)), implementation="xla")
-    except ValueError:
-        return False
-    return True
-
-
-needs_gqa = pytest.mark.skipif(not _gqa_supported(),
-                               reason="jax_flash.flash_attention has no GQA yet (issue 4)")
 
 TOL = dict(rtol=5e-5, atol=5e-5)
 HEADS, QKV_FEATURES, FEATURES = 4, 40, 24  # head_dim 10
@@ -93,7 +70,6 @@ def test_attention_fn_in_stock_module_causal_mask():
                 mask=mask)
 
 
-@needs_mask
 def test_attention_fn_padding_mask_cross_attention_with_grads():
     x_q, x_k = _inputs(5, 11)
     params = _stock().init(jax.random.key(0), x_q, x_k)
@@ -101,7 +77,6 @@ def test_attention_fn_padding_mask_cross_attention_with_grads():
     _check_same(_stock(attention_fn=flash_attention_fn), params, 5, 11, mask, mask=mask)
 
 
-@needs_mask
 def test_attention_fn_traced_causal_mask_under_jit():
     x_q, _ = _inputs()
     params = _stock().init(jax.random.key(0), x_q)
@@ -129,7 +104,6 @@ def test_module_causal_equals_stock_with_causal_mask():
     np.testing.assert_allclose(got, want, **TOL)
 
 
-@needs_gqa
 def test_module_gqa_equals_stock_with_repeated_kv_heads():
     """Query head i uses kv head i // group: the stock module with each kv projection repeated
     group times computes the same function."""
@@ -159,7 +133,6 @@ def test_module_rejects_bad_head_counts_and_sow_weights():
         ours.apply(params, x_q, sow_weights=True)
 
 
-@needs_dropout
 def test_module_dropout_is_random_and_off_when_deterministic():
     x_q, _ = _inputs()
     ours = FlashMultiHeadDotProductAttention(num_heads=HEADS, qkv_features=QKV_FEATURES,

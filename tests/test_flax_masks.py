@@ -1,8 +1,6 @@
 """Flax masks read for flash_attention: concrete all-true and causal masks take the dedicated
 paths, everything else goes to mask=; bad masks and unsupported Flax options raise."""
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,10 +17,6 @@ from jax_flash.flax_modules._masks import (  # noqa: E402
     recognize_mask,
     to_4d,
 )
-
-needs_mask = pytest.mark.skipif(
-    "mask" not in inspect.signature(jax_flash.flash_attention).parameters,
-    reason="jax_flash.flash_attention has no mask= argument yet (issue 4)")
 
 
 def test_causal_pattern_is_bottom_right_aligned():
@@ -131,7 +125,6 @@ def test_float_causal_mask_with_extra_batch_dims(qkv):
     np.testing.assert_allclose(out, _flax_reference(q, k, v, mask), rtol=2e-5, atol=2e-5)
 
 
-@needs_mask
 def test_traced_and_general_masks_match_flax(qkv):
     q, k, v = qkv
     rng = np.random.default_rng(3)
@@ -145,7 +138,6 @@ def test_traced_and_general_masks_match_flax(qkv):
     np.testing.assert_allclose(traced, want, rtol=2e-5, atol=2e-5)
 
 
-@needs_mask
 def test_is_causal_is_top_left_aligned_like_nnx():
     rng = np.random.default_rng(4)
     q = jnp.asarray(rng.standard_normal((2, 4, 2, 8)), jnp.float32)
