@@ -15,7 +15,8 @@ def flash_attention_fn(query, key, value, bias=None, mask=None, broadcast_dropou
                        precision=None, module=None, force_fp32_for_softmax=False,
                        qk_attn_weights_einsum=None, attn_weights_value_einsum=None,
                        is_causal=False, *, causal=False, window_size=None, softcap=None,
-                       softmax_scale=None, implementation=None):
+                       softmax_scale=None, implementation=None, q_segment_ids=None,
+                       kv_segment_ids=None):
     """Flax-compatible attention computed by jax_flash.flash_attention.
 
     Use it as `nn.MultiHeadDotProductAttention(..., attention_fn=flash_attention_fn)` (linen) or
@@ -51,6 +52,11 @@ def flash_attention_fn(query, key, value, bias=None, mask=None, broadcast_dropou
         jax.nn.dot_product_attention). Equal to causal=True when seqlen_q == seqlen_k.
       causal: jax-flash's causal mask, aligned to the bottom right: j <= i + seqlen_k - seqlen_q.
       window_size, softcap, softmax_scale, implementation: as in jax_flash.flash_attention.
+      q_segment_ids: integer [batch..., seqlen_q], packed sequences: a query sees only keys with
+        its own id, and a negative id is padding (its output is 0). As in
+        jax_flash.flash_attention, which reads them a tile at a time (no dense mask is built).
+      kv_segment_ids: integer [batch..., seqlen_k]; defaults to q_segment_ids when seqlen_q ==
+        seqlen_k.
 
     Returns:
       [batch..., seqlen_q, heads, head_dim] in the computation dtype.
@@ -94,6 +100,10 @@ def flash_attention_fn(query, key, value, bias=None, mask=None, broadcast_dropou
         options["window_size"] = window_size
     if softcap is not None:
         options["softcap"] = softcap
+    for name, ids, seqlen in (("q_segment_ids", q_segment_ids, seqlen_q),
+                              ("kv_segment_ids", kv_segment_ids, seqlen_k)):
+        if ids is not None:
+            options[name] = _flatten_segment_ids(name, ids, batch_shape, seqlen)
     if dropout_rate > 0.0 and not deterministic:
         if dropout_rng is None:
             raise ValueError(
@@ -104,6 +114,16 @@ def flash_attention_fn(query, key, value, bias=None, mask=None, broadcast_dropou
     out = jax_flash.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                     implementation=implementation, **options)
     return out.reshape((*batch_shape, *out.shape[1:]))
+
+
+def _flatten_segment_ids(name, ids, batch_shape, seqlen):
+    """[batch..., seqlen] ids as the [batch, seqlen] that jax_flash.flash_attention takes."""
+    ids = jnp.asarray(ids)
+    if ids.shape != (*batch_shape, seqlen):
+        raise ValueError(
+            f"jax-flash: {name} must be [batch..., seqlen] = {(*batch_shape, seqlen)}; got "
+            f"shape {ids.shape}")
+    return ids.reshape((math.prod(batch_shape), seqlen))
 
 
 def _promote(query, key, value, dtype):

@@ -63,10 +63,17 @@ class FlashMultiHeadDotProductAttention(nn.Module):
 
     @nn.compact
     def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, deterministic=None,
-                 dropout_rng=None, sow_weights=False, chunk_lengths=None):
+                 dropout_rng=None, sow_weights=False, chunk_lengths=None, q_segment_ids=None,
+                 kv_segment_ids=None):
         """inputs_q [batch..., length, features]; inputs_k and inputs_v default to inputs_q and
         inputs_k. mask: broadcastable to [batch..., num_heads, length_q, length_kv] (True keeps).
-        chunk_lengths: [batch] valid tokens per sequence of a decoding chunk."""
+        chunk_lengths: [batch] valid tokens per sequence of a decoding chunk. q_segment_ids
+        [batch..., length_q] and kv_segment_ids [batch..., length_kv] (default q's when the
+        lengths match): packed sequences, as flash_attention_fn; not with decode=True."""
+        for name, ids in (("q_segment_ids", q_segment_ids), ("kv_segment_ids", kv_segment_ids)):
+            if self.decode and ids is not None:
+                raise ValueError(f"jax-flash: {name} is not supported with decode=True (the "
+                                 "cache holds one sequence per batch row)")
         if inputs_k is None:
             if inputs_v is not None:
                 raise ValueError("jax-flash: inputs_v needs inputs_k (pass both, or neither)")
@@ -124,7 +131,8 @@ class FlashMultiHeadDotProductAttention(nn.Module):
                 self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
                 self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
                 self.variable("cache", "cache_lengths", jnp.zeros, key.shape[:1], jnp.int32)
-            x = attend(query, key, value, mask=mask, causal=self.causal)
+            x = attend(query, key, value, mask=mask, causal=self.causal,
+                       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
 
         return nn.DenseGeneral(
             features=self.out_features or inputs_q.shape[-1], axis=(-2, -1),

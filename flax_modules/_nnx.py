@@ -91,11 +91,19 @@ class FlashMultiHeadAttention(nnx.Module):
 
     def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, deterministic=None,
                  rngs=None, sow_weights=False, decode=None, is_causal=False, out_sharding=None,
-                 qkv_sharding=None, chunk_lengths=None):
+                 qkv_sharding=None, chunk_lengths=None, q_segment_ids=None,
+                 kv_segment_ids=None):
         """inputs_q [batch..., length, in_features]; inputs_k and inputs_v default to inputs_q
         and inputs_k. mask: broadcastable to [batch..., num_heads, length_q, length_kv] (True
         keeps). is_causal: as nnx (query i sees key j <= i). chunk_lengths: [batch] valid tokens
-        per sequence of a decoding chunk."""
+        per sequence of a decoding chunk. q_segment_ids [batch..., length_q] and kv_segment_ids
+        [batch..., length_kv] (default q's when the lengths match): packed sequences, as
+        flash_attention_fn; not with decode=True."""
+        decode = self.decode if decode is None else decode
+        for name, ids in (("q_segment_ids", q_segment_ids), ("kv_segment_ids", kv_segment_ids)):
+            if decode and ids is not None:
+                raise ValueError(f"jax-flash: {name} is not supported with decode=True (the "
+                                 "cache holds one sequence per batch row)")
         if inputs_k is None:
             if inputs_v is not None:
                 raise ValueError("jax-flash: inputs_v needs inputs_k (pass both, or neither)")
@@ -129,7 +137,6 @@ class FlashMultiHeadAttention(nnx.Module):
             window_size=self.window_size, softcap=self.softcap,
             implementation=self.implementation)
 
-        decode = self.decode if decode is None else decode
         if decode:
             if self.cached_key is None:
                 raise ValueError("jax-flash: decoding needs a cache; call init_cache first")
@@ -140,7 +147,8 @@ class FlashMultiHeadAttention(nnx.Module):
             for variable, new_value in zip(cache, new_cache):
                 variable[...] = new_value
         else:
-            x = attend(query, key, value, mask=mask, is_causal=is_causal, causal=self.causal)
+            x = attend(query, key, value, mask=mask, is_causal=is_causal, causal=self.causal,
+                       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
         return self.out(x, out_sharding=out_sharding)
 
     def init_cache(self, input_shape, dtype=jnp.float32):

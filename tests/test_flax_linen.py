@@ -147,3 +147,24 @@ def test_module_dropout_is_random_and_off_when_deterministic():
     assert not np.allclose(run(1, False), run(2, False))
     want = _stock().apply(params, x_q, mask=nn.make_causal_mask(jnp.ones((2, 13))))
     np.testing.assert_allclose(run(1, True), want, **TOL)
+
+
+def test_module_segment_ids_equal_the_dense_segment_mask():
+    """Cross-attention with q and kv segment ids equals the module given the mask they mean;
+    padded queries (id -1) give 0 from attention with ids, so only real rows are compared. Segment
+    ids under decode=True raise."""
+    x_q, x_k = _inputs(7, 11, seed=6)
+    q_ids = jnp.asarray([[0, 0, 0, 1, 1, 1, -1], [2, 2, 2, 2, 0, 0, 0]])
+    kv_ids = jnp.asarray([[1, 0, 0, -1, 1, 1, 0, 0, 1, -1, -1], [0, 2, 2, 0, 2, 2, 0, 0, 2, 2, 2]])
+    ours = FlashMultiHeadDotProductAttention(num_heads=HEADS, qkv_features=QKV_FEATURES)
+    params = ours.init(jax.random.key(2), x_q, x_k)
+    got = ours.apply(params, x_q, x_k, q_segment_ids=q_ids, kv_segment_ids=kv_ids)
+    mask = q_ids[:, None, :, None] == kv_ids[:, None, None, :]
+    want = ours.apply(params, x_q, x_k, mask=mask)
+    real = np.asarray(q_ids >= 0)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], **TOL)
+
+    decoding = FlashMultiHeadDotProductAttention(num_heads=HEADS, qkv_features=QKV_FEATURES,
+                                                 decode=True)
+    with pytest.raises(ValueError, match="q_segment_ids"):
+        decoding.init(jax.random.key(2), x_q, q_segment_ids=q_ids)

@@ -114,3 +114,21 @@ def test_module_dropout_uses_the_module_rngs():
     # deterministic=True turns dropout off: the stock module's causal attention.
     np.testing.assert_allclose(_outputs(ours, x_q, x_kv, deterministic=True),
                                _outputs(stock, x_q, x_kv, is_causal=True), **TOL)
+
+
+def test_module_segment_ids_equal_the_dense_segment_mask():
+    """Causal self-attention over packed rows: segment ids (kv's defaulting to q's) equal the
+    module given the mask they mean, on the real rows (padding, id -1, gives 0 from attention
+    with ids). Segment ids under decode=True raise."""
+    _, ours = _pair(2, causal=True)
+    x = _input(9, FEATURES, 12)
+    x_kv = _input(9, KV_FEATURES, 13)
+    ids = jnp.asarray([[0, 0, 0, 1, 1, 2, 2, 2, -1], [3, 3, 3, 3, 3, 1, 1, -1, -1]])
+    got = _outputs(ours, x, x_kv, q_segment_ids=ids)
+    want = _outputs(ours, x, x_kv, mask=ids[:, None, :, None] == ids[:, None, None, :])
+    real = np.asarray(ids >= 0)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], **TOL)
+
+    ours.init_cache((2, 9, FEATURES))
+    with pytest.raises(ValueError, match="kv_segment_ids"):
+        ours(x[:, :1], decode=True, kv_segment_ids=ids[:, :1])
