@@ -105,3 +105,18 @@ def attend_cached(attend, query, key, value, visible):
     already in `visible`, relative to each query's position, whereas flash_attention would align
     it to the end of the cache."""
     return attend(query, key, value, mask=visible, window_size=None)
+
+
+def resolve_call_inputs(inputs_q, inputs_k, inputs_v, decode: bool, q_segment_ids,
+                        kv_segment_ids):
+    """The modules' shared call-argument rules: k defaults to q and v to k, and segment ids are
+    refused while decoding (the cache holds one sequence per batch row). Returns (k, v)."""
+    for name, ids in (("q_segment_ids", q_segment_ids), ("kv_segment_ids", kv_segment_ids)):
+        if decode and ids is not None:
+            raise ValueError(f"jax-flash: {name} is not supported with decode=True (the "
+                             "cache holds one sequence per batch row)")
+    if inputs_k is None:
+        if inputs_v is not None:
+            raise ValueError("jax-flash: inputs_v needs inputs_k (pass both, or neither)")
+        inputs_k = inputs_q
+    return inputs_k, inputs_k if inputs_v is None else inputs_v

@@ -70,16 +70,8 @@ class FlashMultiHeadDotProductAttention(nn.Module):
         chunk_lengths: [batch] valid tokens per sequence of a decoding chunk. q_segment_ids
         [batch..., length_q] and kv_segment_ids [batch..., length_kv] (default q's when the
         lengths match): packed sequences, as flash_attention_fn; not with decode=True."""
-        for name, ids in (("q_segment_ids", q_segment_ids), ("kv_segment_ids", kv_segment_ids)):
-            if self.decode and ids is not None:
-                raise ValueError(f"jax-flash: {name} is not supported with decode=True (the "
-                                 "cache holds one sequence per batch row)")
-        if inputs_k is None:
-            if inputs_v is not None:
-                raise ValueError("jax-flash: inputs_v needs inputs_k (pass both, or neither)")
-            inputs_k = inputs_q
-        if inputs_v is None:
-            inputs_v = inputs_k
+        inputs_k, inputs_v = _kv_cache.resolve_call_inputs(
+            inputs_q, inputs_k, inputs_v, self.decode, q_segment_ids, kv_segment_ids)
         qkv_features = self.qkv_features or inputs_q.shape[-1]
         num_kv_heads = self.num_kv_heads or self.num_heads
         if qkv_features % self.num_heads:

@@ -100,16 +100,8 @@ class FlashMultiHeadAttention(nnx.Module):
         [batch..., length_kv] (default q's when the lengths match): packed sequences, as
         flash_attention_fn; not with decode=True."""
         decode = self.decode if decode is None else decode
-        for name, ids in (("q_segment_ids", q_segment_ids), ("kv_segment_ids", kv_segment_ids)):
-            if decode and ids is not None:
-                raise ValueError(f"jax-flash: {name} is not supported with decode=True (the "
-                                 "cache holds one sequence per batch row)")
-        if inputs_k is None:
-            if inputs_v is not None:
-                raise ValueError("jax-flash: inputs_v needs inputs_k (pass both, or neither)")
-            inputs_k = inputs_q
-        if inputs_v is None:
-            inputs_v = inputs_k
+        inputs_k, inputs_v = _kv_cache.resolve_call_inputs(
+            inputs_q, inputs_k, inputs_v, decode, q_segment_ids, kv_segment_ids)
         if inputs_q.shape[-1] != self.in_features:
             raise ValueError(f"jax-flash: inputs_q has {inputs_q.shape[-1]} features (shape "
                              f"{inputs_q.shape}); the module expects {self.in_features}")

@@ -21,13 +21,10 @@ from jax_flash._validation import (
     check_alibi_slopes,
     check_broadcastable,
     check_dropout,
+    check_common_options,
     check_flag,
-    check_implementation,
-    check_kernel_dtype,
-    check_qkv,
     check_sinks,
     check_softcap,
-    check_softmax_scale,
     check_window_size,
 )
 
@@ -118,12 +115,7 @@ def flash_attention_with_positions(q, k, v, *, causal, softmax_scale, return_lse
     int32 ([batch, seqlen_q], [batch, seqlen_k]) per-token positions that replace
     i + seqlen_k - seqlen_q and j in causal, window_size and ALiBi (see _tile_scores)."""
     q, k, v = (_as_array(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
-    check_qkv(q, k, v)
-    check_implementation(implementation)
-    if implementation == "cuda":
-        check_kernel_dtype(q.dtype)
-    scale = check_softmax_scale(softmax_scale)
-    return_lse = check_flag("return_lse", return_lse)
+    scale, return_lse = check_common_options(q, k, v, implementation, softmax_scale, return_lse)
     batch, seqlen_q, heads, head_dim = q.shape
     scores_shape = (batch, heads, seqlen_q, k.shape[1])
     extras = {}

@@ -29,11 +29,8 @@ from jax_flash._config import FlashConfig
 from jax_flash._fwd_primitive import flash_fwd_p
 from jax_flash._merge import merge_attention_states
 from jax_flash._validation import (
+    check_common_options,
     check_flag,
-    check_implementation,
-    check_kernel_dtype,
-    check_qkv,
-    check_softmax_scale,
 )
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -58,13 +55,8 @@ def ring_attention(q, k, v, *, axis_name, causal=False, softmax_scale=None, retu
       out [batch, seqlen_q, heads, head_dim] for this device's queries, or (out, lse) with lse
       float32 [batch, heads, seqlen_q]. Differentiable with respect to q, k and v (reverse mode).
     """
-    check_qkv(q, k, v)
-    check_implementation(implementation)
-    if implementation == "cuda":
-        check_kernel_dtype(q.dtype)
-    scale = check_softmax_scale(softmax_scale)
+    scale, return_lse = check_common_options(q, k, v, implementation, softmax_scale, return_lse)
     causal = check_flag("causal", causal)
-    return_lse = check_flag("return_lse", return_lse)
     if layout not in LAYOUTS:
         raise ValueError(f"jax-flash: layout must be one of {LAYOUTS}; got {layout!r}")
     if causal and q.shape[1] != k.shape[1]:

@@ -228,3 +228,13 @@ def check_implementation(implementation) -> None:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"jax-flash: implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
+
+
+def check_common_options(q, k, v, implementation, softmax_scale, return_lse):
+    """The checks every attention entry point makes: shapes and dtypes, the implementation (and
+    the kernels' dtypes when it is "cuda"), the scale and return_lse. Returns (scale, return_lse)."""
+    check_qkv(q, k, v)
+    check_implementation(implementation)
+    if implementation == "cuda":
+        check_kernel_dtype(q.dtype)
+    return check_softmax_scale(softmax_scale), check_flag("return_lse", return_lse)
