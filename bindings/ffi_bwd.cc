@@ -27,10 +27,10 @@ bool HasShape(const Buffer& buffer, std::initializer_list<int64_t> shape) {
 
 ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> delta,
-                        ffi::Result<ffi::AnyBuffer> dq_result, ffi::Result<ffi::AnyBuffer> dk_result,
+                        ffi::RemainingArgs token_ranges, ffi::Result<ffi::AnyBuffer> dq_result, ffi::Result<ffi::AnyBuffer> dk_result,
                         ffi::Result<ffi::AnyBuffer> dv_result, ffi::ResultBuffer<ffi::F32> dq_accum_result,
                         ffi::ResultBuffer<ffi::S32> dq_semaphore_result, float softmax_scale, bool causal,
-                        bool deterministic) {
+                        int32_t window_left, int32_t window_right, bool deterministic) {
   const ffi::AnyBuffer dq = *dq_result;
   const ffi::Buffer<ffi::F32> dq_accum = *dq_accum_result;
   const ffi::AnyBuffer dk = *dk_result;
@@ -61,7 +61,8 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
               "[batch, num_heads, ceil(seqlen_q / " + std::to_string(kDqSemaphoreRowsPerCounter) + ")]");
 
   FlashBwdParams params{};
-  params.fwd = QkvParams(q, k, v, softmax_scale, causal);
+  params.fwd = QkvParams(q, k, v, softmax_scale, causal, window_left, window_right);
+  if (ffi::Error error = SetTokenRanges(kTarget, token_ranges, true, params.fwd); error.failure()) return error;
   params.fwd.lse = const_cast<float*>(lse.typed_data());  // read only by the backward
   params.dout = dout.untyped_data();
   params.delta = delta.typed_data();
@@ -96,6 +97,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBwd, jax_flash::FlashBwdImpl,
                                   .Arg<xla::ffi::AnyBuffer>()  // dout [b, sq, h, d], dtype of q
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // lse [b, h, sq]
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // delta [b, h, sq]
+                                  .RemainingArgs()  // none, or row_ranges, key_ranges, kv_segment_ids
                                   .Ret<xla::ffi::AnyBuffer>()  // dq [b, sq, h, d], dtype of q
                                   .Ret<xla::ffi::AnyBuffer>()  // dk [b, sk, h, d], dtype of q
                                   .Ret<xla::ffi::AnyBuffer>()  // dv [b, sk, h, d], dtype of q
@@ -103,4 +105,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBwd, jax_flash::FlashBwdImpl,
                                   .Ret<xla::ffi::Buffer<xla::ffi::S32>>()  // dq_semaphore
                                   .Attr<float>("softmax_scale")  // logits = scale * q.k
                                   .Attr<bool>("causal")          // mask j > i + sk - sq
+                                  .Attr<int32_t>("window_left")  // mask j < i + sk - sq - left
+                                  .Attr<int32_t>("window_right")  // mask j > i + sk - sq + right
                                   .Attr<bool>("deterministic"));  // fixed dq summation order

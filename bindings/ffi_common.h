@@ -91,8 +91,11 @@ inline xla::ffi::Error CheckQkv(const std::string& target, const xla::ffi::AnyBu
 
 // The parameters of dense row-major q, k, v buffers [batch, seqlen, heads, head_dim] (out, if
 // any, shaped as q), checked by CheckQkv.
+// window_left, window_right: flash_attention's window_size (-1: unbounded); causal caps the
+// right bound at 0.
 inline FlashFwdParams QkvParams(const xla::ffi::AnyBuffer& q, const xla::ffi::AnyBuffer& k,
-                                const xla::ffi::AnyBuffer& v, float softmax_scale, bool causal) {
+                                const xla::ffi::AnyBuffer& v, float softmax_scale, bool causal,
+                                int32_t window_left, int32_t window_right) {
   const auto q_dims = q.dimensions();
   const auto k_dims = k.dimensions();
   const int64_t seqlen_q = q_dims[1], num_heads = q_dims[2], head_dim = q_dims[3];
@@ -114,9 +117,41 @@ inline FlashFwdParams QkvParams(const xla::ffi::AnyBuffer& q, const xla::ffi::An
   params.num_heads_k = static_cast<int>(num_heads_k);
   params.head_dim = static_cast<int>(head_dim);
   params.softmax_scale = softmax_scale;
-  params.is_causal = causal;
+  params.window_left = window_left < 0 ? -1 : window_left;
+  params.window_right = window_right < 0 ? (causal ? 0 : -1) : (causal ? std::min(window_right, 0) : window_right);
   params.dtype = q.element_type() == xla::ffi::F16 ? DType::kFloat16 : DType::kBFloat16;
   return params;
+}
+
+// The packed-sequence operands after the fixed ones: none, or row_ranges [b, sq, 4], then
+// key_ranges [b, sk, 2] when with_key_ranges (the backward), then kv_segment_ids [b, sk], all S32.
+inline xla::ffi::Error SetTokenRanges(const std::string& target, const xla::ffi::RemainingArgs& extras,
+                                      bool with_key_ranges, FlashFwdParams& params) {
+  namespace ffi = xla::ffi;
+  if (extras.size() == 0) return ffi::Error::Success();
+  const size_t expected = with_key_ranges ? 3 : 2;
+  if (extras.size() != expected) {
+    return ffi::Error::InvalidArgument(target + ": expected " + std::to_string(expected) +
+                                       " packed-sequence operands, got " + std::to_string(extras.size()));
+  }
+  const int64_t batch = params.batch, seqlen_q = params.seqlen_q, seqlen_k = params.seqlen_k;
+  auto get = [&](size_t index, std::initializer_list<int64_t> shape, const char* name,
+                 const int*& data) -> ffi::Error {
+    auto buffer = extras.get<ffi::Buffer<ffi::S32>>(index);
+    if (buffer.has_error()) return ffi::Error::InvalidArgument(target + ": " + name + ": expected S32");
+    const auto dims = buffer->dimensions();
+    if (!std::equal(dims.begin(), dims.end(), shape.begin(), shape.end())) {
+      return ffi::Error::InvalidArgument(target + ": " + Describe(name, *buffer) + ": wrong shape");
+    }
+    data = buffer->typed_data();
+    return ffi::Error::Success();
+  };
+  size_t index = 0;
+  if (ffi::Error e = get(index++, {batch, seqlen_q, 4}, "row_ranges", params.row_ranges); e.failure()) return e;
+  if (with_key_ranges) {
+    if (ffi::Error e = get(index++, {batch, seqlen_k, 2}, "key_ranges", params.key_ranges); e.failure()) return e;
+  }
+  return get(index, {batch, seqlen_k}, "kv_segment_ids", params.kv_segment_ids);
 }
 
 // InvalidArgument for parameters the kernels reject, Internal for any other CUDA failure.

@@ -60,7 +60,8 @@ struct BwdKernelTraits : Sm80Atoms<Element_, kHeadDim_, kNWarps_ * 32> {
   static constexpr int kSmemQBytes = int(cosize_v<SmemLayoutQ>) * int(sizeof(Element));
   static constexpr int kSmemKVBytes = int(cosize_v<SmemLayoutKV>) * int(sizeof(Element));
   static constexpr int kSmemPdSBytes = int(cosize_v<SmemLayoutPdS>) * int(sizeof(Element));
-  static constexpr int kSmemStatsBytes = 2 * kBlockM * int(sizeof(float));  // lse and delta of a query tile
+  // lse, delta and the TokenRanges row range of each row of a query tile.
+  static constexpr int kSmemStatsBytes = 2 * kBlockM * int(sizeof(float)) + kBlockM * 4 * int(sizeof(int));
   // Q and dO (with their row statistics) get a second buffer, so that the next query tile loads
   // during the whole current one, where shared memory allows.
   static constexpr int kSmemStageBytes = 2 * kSmemQBytes + kSmemStatsBytes;

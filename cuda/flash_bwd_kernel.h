@@ -14,6 +14,7 @@
 #include "flash_params.h"
 #include "register_layouts.h"
 #include "tile_copy.h"
+#include "token_ranges.h"
 
 namespace jax_flash {
 
@@ -36,9 +37,17 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
   const int batch = blockIdx.z;
   const int head_k = head / (p.num_heads / p.num_heads_k);
 
-  const AttentionMask<kBlockM, kBlockN> mask{p.seqlen_q, p.seqlen_k, p.is_causal};
-  const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int m_begin = mask.m_block_begin(n_block);
+  const AttentionMask<kBlockM, kBlockN> mask{p};
+  const TokenRanges<kBlockM, kBlockN> ranges{p, batch};
+  int m_begin = mask.m_block_begin(n_block);
+  int m_end = mask.m_block_end(n_block);
+  // Deterministic mode adds dQ in the order of the band's key tiles, so every one of them must
+  // visit its query tiles: the ranges then only mask.
+  if (ranges.enabled() && params.dq_semaphore == nullptr) {
+    const TileSpan span = ranges.query_tiles(n_block);
+    m_begin = max(m_begin, span.begin);
+    m_end = min(m_end, span.end);
+  }
   const int keys_in_tile = min(kBlockN, p.seqlen_k - n_block * kBlockN);
 
   // ---- Global tensors of this (batch, head) ----
@@ -67,9 +76,11 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
   Tensor sP = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutPdS{});   // (kBlockM, kBlockN)
   Tensor sdS = make_tensor(sP.data() + size(sP), typename Traits::SmemLayoutPdS{});  // (kBlockM, kBlockN)
-  // lse and delta of each stage's query rows: [stage][lse, delta][kBlockM].
+  // Each stage's query rows: lse and delta [stage][lse, delta][kBlockM], then their ranges
+  // [stage][kBlockM] (with TokenRanges).
   float* smem_stats = reinterpret_cast<float*>(raw_pointer_cast(sdS.data() + size(sdS)));
-  const typename Traits::DqStaging dq_staging{smem_stats + Traits::kQStages * 2 * kBlockM};  // SM90 only
+  int4* smem_row_ranges = reinterpret_cast<int4*>(smem_stats + Traits::kQStages * 2 * kBlockM);
+  const typename Traits::DqStaging dq_staging{reinterpret_cast<float*>(smem_row_ranges + Traits::kQStages * kBlockM)};  // SM90 only
   Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutKt{});              // (d, kBlockN)
   Tensor sPt = make_tensor(sP.data(), typename Traits::SmemLayoutPdSt{});            // (kBlockN, kBlockM)
   Tensor sdSt = make_tensor(sdS.data(), typename Traits::SmemLayoutPdSt{});          // (kBlockN, kBlockM)
@@ -161,13 +172,21 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
         stats[0] = -INFINITY;
         stats[kBlockM] = 0.f;
       }
+      if (ranges.enabled()) {
+        int4* range = smem_row_ranges + stage * kBlockM + thread_idx;
+        if (thread_idx < rows) {
+          SM80_CP_ASYNC_CACHEALWAYS<int4>::copy(ranges.rows()[m_block * kBlockM + thread_idx], *range);
+        } else {
+          *range = make_int4(0, 0, 1, 0);
+        }
+      }
     }
   };
-  if (m_begin < num_m_blocks) load_query_tile(m_begin, 0);
+  if (m_begin < m_end) load_query_tile(m_begin, 0);
   cp_async_fence();
 
   // ---- Main loop over the query tiles that see this key tile ----
-  for (int m_block = m_begin; m_block < num_m_blocks; ++m_block) {
+  for (int m_block = m_begin; m_block < m_end; ++m_block) {
     const int stage = kDoubleBufferQ ? (m_block - m_begin) & 1 : 0;
     Tensor sQ = q_stage(smem_q, stage);
     Tensor sQt = q_stage_t(smem_q, stage);
@@ -176,7 +195,7 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
     cp_async_wait<0>();
     __syncthreads();  // this query tile landed; every warp is done with the previous one
     if constexpr (kDoubleBufferQ) {
-      if (m_block + 1 < num_m_blocks) load_query_tile(m_block + 1, stage ^ 1);
+      if (m_block + 1 < m_end) load_query_tile(m_block + 1, stage ^ 1);
       cp_async_fence();
     }
 
@@ -201,6 +220,11 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
                    ldsm_a_sdp, ldsm_b_sdp, thread_idx);
     Tensor scores = acc_rowcol(acc_s);
     if (mask.needs_masking(m_block, n_block)) mask.apply(scores, coords_s, m_block, n_block);
+    if (ranges.enabled()) {
+      const int4* row_ranges = smem_row_ranges + stage * kBlockM;
+      auto range_of = [&](int r) { return row_ranges[r]; };
+      if (ranges.needs_masking(ranges.query_tile(range_of), n_block)) ranges.apply(scores, coords_s, n_block, range_of);
+    }
     gemm_smem_smem(acc_dp, tdPrdO, tdPrV, ldsm_a_sdp.get_thread_slice(thread_idx).partition_S(sdO), tdPsV, mma_sdp,
                    ldsm_a_sdp, ldsm_b_sdp, thread_idx);
 
@@ -233,8 +257,10 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
         const int counters = (p.seqlen_q + kDqSemaphoreRowsPerCounter - 1) / kDqSemaphoreRowsPerCounter;
         semaphore = params.dq_semaphore + (int64_t(batch) * p.num_heads + head) * counters + m_block;
       }
+      // The band's key tiles of this query tile start at n_block_begin.
+      const int turn = n_block - mask.n_block_begin(m_block);
       auto wait_turn = [&] {
-        while (*reinterpret_cast<volatile int*>(semaphore) != n_block) {
+        while (*reinterpret_cast<volatile int*>(semaphore) != turn) {
         }
       };
       float* dq_tile = dq_accum + int64_t(m_block) * kBlockM * kHeadDim;
@@ -278,7 +304,7 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
                    mma_dkv, ldsm_at_dkv, ldsm_bt_dkv, thread_idx);
     if constexpr (!kDoubleBufferQ) {
       __syncthreads();  // every warp is done with Q and dO
-      if (m_block + 1 < num_m_blocks) load_query_tile(m_block + 1, 0);
+      if (m_block + 1 < m_end) load_query_tile(m_block + 1, 0);
       cp_async_fence();
       add_dq();
     }

@@ -14,6 +14,7 @@
 #include "online_softmax.h"
 #include "register_layouts.h"
 #include "tile_copy.h"
+#include "token_ranges.h"
 
 namespace jax_flash {
 
@@ -36,8 +37,17 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   const int batch = blockIdx.z;
   const int head_k = head / (params.num_heads / params.num_heads_k);
 
-  const AttentionMask<kBlockM, kBlockN> mask{params.seqlen_q, params.seqlen_k, params.is_causal};
-  const int n_block_end = mask.n_block_end(m_block);
+  const AttentionMask<kBlockM, kBlockN> mask{params};
+  const TokenRanges<kBlockM, kBlockN> ranges{params, batch};
+  int n_block_begin = mask.n_block_begin(m_block);
+  int n_block_end = mask.n_block_end(m_block);
+  QueryTileKeys tile_keys{};
+  if (ranges.enabled()) {
+    tile_keys = ranges.query_tile(m_block);
+    const TileSpan span = ranges.key_tiles(tile_keys);
+    n_block_begin = max(n_block_begin, span.begin);
+    n_block_end = min(n_block_end, span.end);
+  }
   const int rows_in_tile = min(kBlockM, params.seqlen_q - m_block * kBlockM);
 
   // ---- Global tensors of this (batch, head) ----
@@ -67,7 +77,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   auto gmem_thr_copy_o = gmem_copy_o.get_thread_slice(thread_idx);
 
   // ---- Query tiles with no visible key: output 0, lse -inf ----
-  if (n_block_end <= 0) {
+  if (n_block_end <= n_block_begin) {
     Tensor tOgO = gmem_thr_copy_o.partition_D(gO);  // (CPY, CPY_M, CPY_K)
     Tensor tOrO = make_tensor<Element>(shape(tOgO));
     clear(tOrO);
@@ -126,7 +136,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   copy_rows</*kZeroFill=*/true>(gmem_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, keys_in_block(n_block));
   cp_async_fence();
 
-  // ---- Main loop over key tiles, last to first: the tiles that need masking come first ----
+  // ---- Main loop over the visible key tiles, last to first: under causal masking the masked
+  // tiles come first ----
   auto process_key_tile = [&](int n_block, auto needs_mask) {
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
     clear(acc_s);
@@ -137,11 +148,16 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
 
     gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, thread_idx);
     Tensor scores = acc_rowcol(acc_s);  // (rows, kBlockN cols)
-    if constexpr (decltype(needs_mask)::value) mask.apply(scores, score_coords, m_block, n_block);
+    if constexpr (decltype(needs_mask)::value) {
+      mask.apply(scores, score_coords, m_block, n_block);
+      if (ranges.enabled()) {
+        ranges.apply(scores, score_coords, n_block, [&](int r) { return ranges.row(m_block * kBlockM + r); });
+      }
+    }
 
     cp_async_wait<0>();
     __syncthreads();  // V[n_block] landed; every warp is done with K[n_block]
-    if (n_block > 0) {
+    if (n_block > n_block_begin) {
       copy_rows</*kZeroFill=*/true>(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK, tKVcKV, keys_in_block(n_block - 1));
       cp_async_fence();
     }
@@ -151,8 +167,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
     Tensor tOrP = make_tensor(p.data(), acc_to_a_operand_layout(p.layout()));  // (MMA, MMA_M, MMA_K)
     gemm_reg_smem(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_copy_v, thread_idx);
   };
-  for (; n_block >= 0 && mask.needs_masking(m_block, n_block); --n_block) process_key_tile(n_block, true_type{});
-  for (; n_block >= 0; --n_block) process_key_tile(n_block, false_type{});
+  for (; n_block >= n_block_begin; --n_block) {
+    if (mask.needs_masking(m_block, n_block) || (ranges.enabled() && ranges.needs_masking(tile_keys, n_block))) {
+      process_key_tile(n_block, true_type{});
+    } else {
+      process_key_tile(n_block, false_type{});
+    }
+  }
 
   // ---- Epilogue: normalize, stage O through shared memory (Q's, now unused), store ----
   Tensor lse = softmax.finalize(acc_o_rc, params.softmax_scale);

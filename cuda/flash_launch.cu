@@ -49,7 +49,7 @@ constexpr int64_t kElementBytes = 2;  // float16 and bfloat16
 bool params_are_valid(const FlashFwdParams& p) {
   return p.batch >= 1 && p.num_heads >= 1 && p.num_heads <= kMaxGridDim &&
          p.num_heads_k >= 1 && p.num_heads % p.num_heads_k == 0 && p.seqlen_q >= 1 && p.seqlen_k >= 1 &&
-         p.q && p.k && p.v && p.lse;
+         p.q && p.k && p.v && p.lse && (!p.row_ranges || p.kv_segment_ids);
 }
 
 // The forward parameters of batch entries [first, first + count).
@@ -61,6 +61,9 @@ FlashFwdParams fwd_batch_slice(const FlashFwdParams& params, int64_t first, int 
   slice.v = static_cast<const char*>(params.v) + first * params.v_batch_stride * kElementBytes;
   if (params.out) slice.out = static_cast<char*>(params.out) + first * params.out_batch_stride * kElementBytes;
   slice.lse = params.lse + first * params.num_heads * params.seqlen_q;
+  if (params.row_ranges) slice.row_ranges = params.row_ranges + first * params.seqlen_q * 4;
+  if (params.key_ranges) slice.key_ranges = params.key_ranges + first * params.seqlen_k * 2;
+  if (params.kv_segment_ids) slice.kv_segment_ids = params.kv_segment_ids + first * params.seqlen_k;
   return slice;
 }
 
@@ -98,7 +101,7 @@ cudaError_t run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
 cudaError_t run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
   const FlashFwdParams& p = params.fwd;
   if (!params_are_valid(p) || !params.dout || !params.delta || !params.dq || !params.dq_accum || !params.dk ||
-      !params.dv) {
+      !params.dv || (p.row_ranges && !p.key_ranges)) {
     return cudaErrorInvalidValue;
   }
   const int64_t semaphore_counters = (p.seqlen_q + kDqSemaphoreRowsPerCounter - 1) / kDqSemaphoreRowsPerCounter;

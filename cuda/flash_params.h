@@ -30,8 +30,20 @@ struct FlashFwdParams {
   int head_dim;     // one of kSupportedHeadDims; callers pad other sizes
 
   float softmax_scale;
-  bool is_causal;   // key j is visible to query i iff j <= i + seqlen_k - seqlen_q
+  // The band of visible keys, aligned to the bottom-right corner: key j is visible to query i iff
+  // i + seqlen_k - seqlen_q - window_left <= j <= i + seqlen_k - seqlen_q + window_right, each
+  // bound dropped when its value is negative (causal: window_right = 0).
+  int window_left;
+  int window_right;
   DType dtype;
+
+  // Packed sequences (segment ids, varlen), else nullptr. Key j is visible to query i only if
+  // lo <= j < hi for row_ranges[b, i] = (lo, hi, exact, segment), and, unless exact, only if
+  // kv_segment_ids[b, j] == segment; every query that sees key j lies in key_ranges[b, j] =
+  // (first, end). Contiguous int32 arrays; they let the kernels skip tiles outside the ranges.
+  const int* row_ranges;      // [batch, seqlen_q, 4]
+  const int* key_ranges;      // [batch, seqlen_k, 2] (the backward's)
+  const int* kv_segment_ids;  // [batch, seqlen_k]
 };
 
 // Backward pass. The forward's fields describe q, k, v and lse (out is not read); dout is laid out

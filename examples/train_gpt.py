@@ -224,6 +224,7 @@ def parse_args(argv=None):
     parser.add_argument("--tiny", action="store_true", help="the CPU-sized configuration")
     parser.add_argument("--steps", type=int, help="training steps (default: the config's)")
     parser.add_argument("--batch-size", type=int, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's)")
     parser.add_argument("--attention", choices=["flash", "flax"], default="flash",
                         help="jax-flash's FlashMultiHeadAttention or nnx.MultiHeadAttention")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -236,7 +237,8 @@ def parse_args(argv=None):
 def setup(args):
     config = TINY if args.tiny else GPU
     config = dataclasses.replace(config, steps=args.steps or config.steps,
-                                 batch_size=args.batch_size or config.batch_size)
+                                 batch_size=args.batch_size or config.batch_size,
+                                 seq_len=args.seq_len or config.seq_len)
     dtype = jnp.dtype(args.dtype or ("bfloat16" if jax.default_backend() == "gpu"
                                      else "float32"))
     text = make_corpus(20_000)

@@ -2,7 +2,9 @@
 
 One PNG per (pass, head dim) beside the report's JSON, e.g. bench_results_fwd_d128.png: x is the
 sequence length, one bar per implementation, y is TFLOP/s, with non-causal and causal side by
-side. Rows that did not run leave their bar out and are explained under the plot.
+side. Rows that did not run leave their bar out and are explained under the plot. Packed rows
+(--segments N) stand at their documents' length, a hatched series of their own beside the dense
+rows of that length.
 
 Drawn on matplotlib's Agg canvas (no display, no pyplot state), from the JSON alone: no JAX.
 """
@@ -33,7 +35,7 @@ def chart_path(json_path: str, pass_: str, head_dim: int) -> str:
 def write_charts(report: dict, json_path: str) -> list[str]:
     """Draws one chart per (pass, head dim) of `report`'s rows; returns the paths written."""
     groups: dict[tuple[str, int], list[dict]] = {}
-    for row in report["rows"]:
+    for row in filter(None, map(_as_drawn, report["rows"])):
         # Reports from before fwd_bwd existed hold forward rows only.
         groups.setdefault((row.get("pass", "fwd"), row["head_dim"]), []).append(row)
     paths = []
@@ -42,6 +44,31 @@ def write_charts(report: dict, json_path: str) -> list[str]:
         _figure(report, pass_, head_dim, rows).savefig(path, dpi=120)
         paths.append(path)
     return paths
+
+
+PACKED = " packed"  # suffix of a packed row's impl, once drawn
+
+
+def _as_drawn(row: dict) -> dict | None:
+    """A packed row as its series draws it: at its documents' length, with the batch its
+    documents would fill as rows of their own (so the panel's token count still holds). Skipped
+    packed rows (cuDNN and XLA take no segment ids) are left out: empty series only crowd it."""
+    segments = row.get("segments", 1)
+    if segments == 1:
+        return row
+    if row["status"].startswith("skipped"):
+        return None
+    return {**row, "impl": row["impl"] + PACKED, "seqlen": row["seqlen"] // segments,
+            "batch": row["batch"] * segments}
+
+
+def _style(impl: str) -> tuple[str, str | None, str | None]:
+    """Label, colour and hatch of an implementation's bars: packed ones hatched."""
+    base = impl.removesuffix(PACKED)
+    label, colour = IMPL_STYLE.get(base, (base, None))
+    if base == impl:
+        return label, colour, None
+    return f"{label}, packed", colour, "//"
 
 
 def _figure(report: dict, pass_: str, head_dim: int, rows: list[dict]) -> Figure:
@@ -67,11 +94,12 @@ def _panel(ax, rows: list[dict], causal: bool) -> None:
     by_key = {(row["impl"], row["seqlen"]): row for row in rows}
     width = 0.8 / len(impls)
     for i, impl in enumerate(impls):
-        label, colour = IMPL_STYLE.get(impl, (impl, None))
+        label, colour, hatch = _style(impl)
         xs = [x + (i - (len(impls) - 1) / 2) * width for x in range(len(seqlens))]
         cells = [by_key.get((impl, seqlen), {}) for seqlen in seqlens]
         heights = [cell["tflops"] if cell.get("status") == "ok" else 0.0 for cell in cells]
-        bars = ax.bar(xs, heights, width, label=label, color=colour)
+        bars = ax.bar(xs, heights, width, label=label, color=colour, hatch=hatch,
+                      edgecolor="white" if hatch else None)
         ax.bar_label(bars, labels=[_value_label(h) if h else "" for h in heights],
                      fontsize=7, padding=1)
         for x, cell in zip(xs, cells):
@@ -110,7 +138,7 @@ def _not_run_notes(rows: list[dict]) -> list[str]:
     for row in rows:
         if row["status"] != "ok":
             seqlens_by_reason.setdefault((row["impl"], row["status"]), set()).add(row["seqlen"])
-    return [f"{IMPL_STYLE.get(impl, (impl,))[0]} "
+    return [f"{_style(impl)[0]} "
             f"({', '.join(_seqlen_label(s) for s in sorted(seqlens))}): {_shorten(status)}"
             for (impl, status), seqlens in seqlens_by_reason.items()]
 

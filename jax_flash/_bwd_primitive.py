@@ -36,7 +36,7 @@ from jax_flash._batching import batch_broadcast_operands, register_batch_folding
 from jax_flash._blockwise import options_of
 from jax_flash._blockwise_bwd import blockwise_attention_bwd
 from jax_flash._config import FlashConfig
-from jax_flash._kernel_choice import kernel_head_dim_for, pad_head_dim
+from jax_flash._kernel_choice import kernel_head_dim_for, kernel_mask_arguments, pad_head_dim
 from jax_flash._sharding import lower_partitioned, needs_devices_when_lowering, result_aval
 from jax_flash._validation import check_extra_operands, check_qkv
 
@@ -97,7 +97,8 @@ _DQ_SEMAPHORE_ROWS = 16
 _DQ_ACCUM_ROWS_MULTIPLE = 128
 
 
-def _kernel_backward(q, k, v, out, lse, dout, dlse, *, config: FlashConfig, kernel_head_dim: int):
+def _kernel_backward(q, k, v, out, lse, dout, dlse, *extras, config: FlashConfig,
+                     kernel_head_dim: int):
     """delta in XLA (one fused pass over out and dout), the kernel on zero-padded operands, then
     dk and dv summed over each group of query heads and the padding sliced off."""
     batch, seqlen_q, heads, head_dim = q.shape
@@ -114,9 +115,11 @@ def _kernel_backward(q, k, v, out, lse, dout, dlse, *, config: FlashConfig, kern
         jax.ShapeDtypeStruct((batch, heads, accum_rows, kernel_head_dim), jnp.float32),  # dq_accum
         jax.ShapeDtypeStruct((batch, heads, counters), jnp.int32),          # dq_semaphore
     )
+    mask_attributes, mask_operands = kernel_mask_arguments(config, extras, backward=True)
     dq, dk, dv, _, _ = jax.ffi.ffi_call(_extension.BWD_TARGET, result_types)(
-        q, k, v, dout, lse, delta, softmax_scale=np.float32(config.softmax_scale),
-        causal=bool(config.causal), deterministic=bool(config.deterministic))
+        q, k, v, dout, lse, delta, *mask_operands,
+        softmax_scale=np.float32(config.softmax_scale),
+        deterministic=bool(config.deterministic), **mask_attributes)
     dq = dq[..., :head_dim]
     dk, dv = (_sum_groups(x[..., :head_dim], kv_heads) for x in (dk, dv))
     return dq, dk, dv

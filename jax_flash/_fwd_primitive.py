@@ -28,7 +28,7 @@ from jax_flash import _extension
 from jax_flash._batching import batch_broadcast_operands, register_batch_folding
 from jax_flash._blockwise import blockwise_attention, options_of
 from jax_flash._config import FlashConfig
-from jax_flash._kernel_choice import kernel_head_dim_for, pad_head_dim
+from jax_flash._kernel_choice import kernel_head_dim_for, kernel_mask_arguments, pad_head_dim
 from jax_flash._sharding import lower_partitioned, needs_devices_when_lowering, result_aval
 from jax_flash._validation import check_extra_operands, check_qkv
 
@@ -67,14 +67,16 @@ def _default_lowering(ctx, *operands, config: FlashConfig):
 
 # ---- lowering: the CUDA kernel ---------------------------------------------------------------
 
-def _kernel_forward(q, k, v, *, config: FlashConfig, kernel_head_dim: int):
+def _kernel_forward(q, k, v, *extras, config: FlashConfig, kernel_head_dim: int):
     """Pads head_dim with zeros to a compiled size, calls the kernel, slices the padding off."""
     batch, seqlen_q, heads, head_dim = q.shape
     q, k, v = (pad_head_dim(x, kernel_head_dim) for x in (q, k, v))
     out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
     lse_type = jax.ShapeDtypeStruct((batch, heads, seqlen_q), jnp.float32)
+    mask_attributes, mask_operands = kernel_mask_arguments(config, extras, backward=False)
     out, lse = jax.ffi.ffi_call(_extension.FWD_TARGET, (out_type, lse_type))(
-        q, k, v, softmax_scale=np.float32(config.softmax_scale), causal=bool(config.causal))
+        q, k, v, *mask_operands, softmax_scale=np.float32(config.softmax_scale),
+        **mask_attributes)
     return out[..., :head_dim], lse
 
 

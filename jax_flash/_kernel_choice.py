@@ -2,19 +2,21 @@
 backward primitives: the implementation asked for, the features, the dtype, this build, the GPU,
 the head dim.
 
-The kernels run plain and causal attention, grouped-query attention included (and sinks, which
-flash_attention applies around them). Every other feature, segment ids and
-flash_attention_varlen included, takes the XLA path until the kernels gain it;
-implementation="cuda" then raises, naming the features.
+The kernels run plain and causal attention, grouped-query attention, sliding windows, segment
+ids and flash_attention_varlen (and sinks, which flash_attention applies around them). Every
+other feature takes the XLA path until the kernels gain it; implementation="cuda" then raises,
+naming the features.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_flash import _extension
 from jax_flash._config import FlashConfig
+from jax_flash._kernel_ranges import kernel_ranges
 from jax_flash._validation import KERNEL_DTYPES, check_kernel_dtype
 
 # The kernels use instructions of Ampere (sm_80) and newer.
@@ -50,9 +52,17 @@ def _why_kernel_cannot_run(head_dim: int) -> str | None:
     return None
 
 
+# FlashConfig.features() that the kernels run.
+KERNEL_FEATURES = ("window_size", "segment_ids", "flash_attention_varlen")
+
+
+def _missing_features(config: FlashConfig) -> tuple[str, ...]:
+    return tuple(f for f in config.features() if f not in KERNEL_FEATURES)
+
+
 def check_kernel_features(config: FlashConfig) -> None:
     """For implementation="cuda": raises ValueError naming the features the kernels lack."""
-    missing = config.features()
+    missing = _missing_features(config)
     if missing:
         raise ValueError(
             f"jax-flash: implementation='cuda' cannot run {', '.join(missing)}: the CUDA kernels "
@@ -69,7 +79,7 @@ def kernel_head_dim_for(q_aval, config: FlashConfig) -> int | None:
         return None
     if config.implementation == "cuda":
         check_kernel_features(config)
-    elif config.features():
+    elif _missing_features(config):
         return None
     if jnp.dtype(q_aval.dtype) not in KERNEL_DTYPES:
         if config.implementation == "cuda":
@@ -88,3 +98,30 @@ def kernel_head_dim_for(q_aval, config: FlashConfig) -> int | None:
 def pad_head_dim(x, kernel_head_dim: int):
     """Zero-pads the last axis to kernel_head_dim: dot products and P·V are unchanged."""
     return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, kernel_head_dim - x.shape[-1]),))
+
+
+def kernel_mask_arguments(config: FlashConfig, extras, *, backward: bool):
+    """(FFI attributes causal, window_left, window_right; the packed-sequence operands that
+    follow the kernel's fixed ones) for the primitive's extra operands `extras`.
+
+    Segment ids (and varlen's positions) become per-token intervals (see _kernel_ranges). With
+    positions, the intervals carry causal and window_size per sequence, so the kernel's own band,
+    aligned to the whole row, is turned off.
+    """
+    left, right = config.window_size
+    attributes = dict(causal=bool(config.causal), window_left=np.int32(left),
+                      window_right=np.int32(right))
+    if not config.has_segment_ids:
+        return attributes, ()
+    named = dict(zip(config.extra_operand_names(), extras))
+    positions = ((named["q_positions"], named["kv_positions"]) if config.has_positions
+                 else (None, None))
+    row_ranges, key_ranges = kernel_ranges(named["q_segment_ids"], named["kv_segment_ids"],
+                                           *positions, causal=config.causal,
+                                           window_size=config.window_size)
+    if config.has_positions:
+        attributes = dict(causal=False, window_left=np.int32(-1), window_right=np.int32(-1))
+    kv_segment_ids = named["kv_segment_ids"].astype(jnp.int32)
+    operands = ((row_ranges, key_ranges, kv_segment_ids) if backward
+                else (row_ranges, kv_segment_ids))
+    return attributes, operands

@@ -3,8 +3,8 @@ timed in the same run.
 
     python -m jax_flash.bench [--out bench_results.json] [--passes fwd,fwd_bwd]
         [--head-dims 64,128,256] [--seqlens ...] [--impls flash,cudnn,xla]
-        [--causal both|true|false] [--dtype bf16] [--kv-group G] [--window W] [--quick]
-        [--max-seconds S] [--no-charts]
+        [--causal both|true|false] [--dtype bf16] [--kv-group G] [--window W] [--segments N]
+        [--quick] [--max-seconds S] [--no-charts]
     python -m jax_flash.bench --charts-from bench_results.json   # redraw the charts only
     python -m jax_flash.bench --ring [--devices N]   # ring attention over the visible devices
 
@@ -20,6 +20,13 @@ TFLOP/s = FLOPs / time. Forward FLOPs = 4·batch·heads·seqlen²·head_dim; the
 that and fwd_bwd 3.5×, as FlashAttention reports; all halved for causal. With --window, the
 seqlen² is replaced by the number of (query, key) pairs the window (and causal) leave visible.
 --kv-group G gives k and v heads / G heads (grouped-query attention).
+
+--segments N (packed sequences) replaces each configuration of seqlen S by two: "packed", the same
+batch and seqlen with q_segment_ids cutting every row into N documents of S / N tokens, its FLOPs
+counted on the visible pairs only (N·(S/N)² per batch and head; causal: N·(S/N)·(S/N + 1)/2); and
+beside it the dense equivalent, batch·N sequences of S / N tokens. The packed row's "vs dense" is
+its TFLOP/s over the dense equivalent's (same impl and pass); 1 means packing costs nothing.
+cuDNN and XLA (jax.nn.dot_product_attention, which takes no segment ids) skip the packed rows.
 "vs cuDNN" is cuDNN's time over this row's in the same pass (above 1: faster than cuDNN), measured
 in the same run. Each row also carries its error against the float32 oracle on a slice (first
 batch element, first two heads): "rel_err" is ‖x − ref‖₂ / ‖ref‖₂ with x = out for fwd, and the
@@ -87,7 +94,7 @@ REFERENCE_CHUNK = 4096
 class Shape:
     """One benchmark configuration: q is [batch, seqlen, num_heads, head_dim], k and v have
     num_heads / kv_group heads; window > 0 is a sliding window of that many keys on each side
-    of the diagonal (-1: none)."""
+    of the diagonal (-1: none); segments > 1 packs that many documents into each row."""
 
     batch: int
     seqlen: int
@@ -97,6 +104,7 @@ class Shape:
     dtype: str
     kv_group: int = 1
     window: int = -1
+    segments: int = 1  # > 1: q_segment_ids cut every row into this many equal documents
 
     @property
     def num_kv_heads(self) -> int:
@@ -137,7 +145,9 @@ def cpu_grid(head_dims, seqlens, causal_modes, dtype, **options) -> list[Shape]:
             for head_dim in head_dims for seqlen in seqlens for causal in causal_modes]
 
 
-def build_grid(args, backend: str) -> list[Shape]:
+def build_grid(args, backend: str) -> list[tuple[Shape, ...]]:
+    """The configurations, in groups timed and printed together: (shape,), or with --segments N
+    (packed, dense equivalent)."""
     causal_modes = CAUSAL_MODES[args.causal]
     options = dict(kv_group=args.kv_group, window=args.window)
     if backend == "gpu":
@@ -151,28 +161,47 @@ def build_grid(args, backend: str) -> list[Shape]:
         if shape.num_heads % shape.kv_group:
             raise SystemExit(f"--kv-group {shape.kv_group} does not divide the "
                              f"{shape.num_heads} heads of head dim {shape.head_dim}")
-    return grid
+    if args.segments < 1:
+        raise SystemExit(f"--segments must be 1 (off) or more, not {args.segments}")
+    if args.segments == 1:
+        return [(shape,) for shape in grid]
+    return [packed_group(shape, args.segments) for shape in grid]
+
+
+def packed_group(shape: Shape, segments: int) -> tuple[Shape, Shape]:
+    """`shape` packed with `segments` equal documents per row, and its dense equivalent: the
+    same documents as batch·segments rows of their own."""
+    if shape.seqlen % segments:
+        raise SystemExit(f"--segments {segments} does not divide seqlen {shape.seqlen}: every "
+                         f"row must hold {segments} documents of equal length")
+    packed = dataclasses.replace(shape, segments=segments)
+    dense = dataclasses.replace(shape, batch=shape.batch * segments,
+                                seqlen=shape.seqlen // segments)
+    return packed, dense
 
 
 def visible_pairs(shape: Shape) -> int:
-    """(query, key) pairs that causal and the window leave visible, per (batch, head)."""
-    rows = np.arange(shape.seqlen)
+    """(query, key) pairs that causal, the window and the segments leave visible, per (batch,
+    head). A query sees keys of its own segment only, and causal and the window are relative to
+    the diagonal, so each segment leaves what a row of its own length would."""
+    length = shape.seqlen // shape.segments
+    rows = np.arange(length)
     left, right = shape.window_size
     if shape.causal:
         right = 0
     first = np.maximum(rows - left, 0) if left >= 0 else np.zeros_like(rows)
-    last = np.minimum(rows + right, shape.seqlen - 1) if right >= 0 else np.full_like(
-        rows, shape.seqlen - 1)
-    return int(np.sum(last - first + 1))
+    last = np.minimum(rows + right, length - 1) if right >= 0 else np.full_like(rows, length - 1)
+    return shape.segments * int(np.sum(last - first + 1))
 
 
 def forward_flops(shape: Shape) -> float:
-    """Two matmuls of 2·seqlen²·head_dim per (batch, head); causal counts exactly half, a window
-    the pairs it leaves."""
-    if shape.window >= 0:
-        return 4.0 * shape.batch * shape.num_heads * visible_pairs(shape) * shape.head_dim
-    flops = 4.0 * shape.batch * shape.num_heads * shape.seqlen ** 2 * shape.head_dim
-    return flops / 2 if shape.causal else flops
+    """Two matmuls of 2·seqlen²·head_dim per (batch, head); causal counts exactly half (as
+    FlashAttention reports), a window or segments the pairs they leave visible."""
+    if shape.window >= 0 or shape.segments > 1:
+        pairs = visible_pairs(shape)
+    else:
+        pairs = shape.seqlen ** 2 / (2 if shape.causal else 1)
+    return 4.0 * shape.batch * shape.num_heads * pairs * shape.head_dim
 
 
 def pass_flops(shape: Shape, pass_: str) -> float:
@@ -182,14 +211,16 @@ def pass_flops(shape: Shape, pass_: str) -> float:
 # --- The implementations ----------------------------------------------------------------------
 
 def attention_fn(impl: str, shape: Shape, softmax_scale: float, backend: str):
-    """(q, k, v) -> out for `impl`, and the path it takes ("cuda", "cudnn" or "xla"). jax-flash
-    with a window runs its XLA path until the kernels have windows."""
+    """(q, k, v) -> out for `impl`, (q, k, v, q_segment_ids) -> out with segments, and the path
+    it takes ("cuda", "cudnn" or "xla")."""
     if impl in ("flash", "flash_xla"):
-        kernel = impl == "flash" and backend == "gpu" and shape.window < 0
-        path = "cuda" if kernel else "xla"
+        # "cuda", not None: a row labelled cuda must fail rather than fall back to XLA.
+        path = "cuda" if impl == "flash" and backend == "gpu" else "xla"
         fn = functools.partial(jax_flash.flash_attention, causal=shape.causal,
                                softmax_scale=softmax_scale, implementation=path,
                                window_size=shape.window_size)
+        if shape.segments > 1:
+            return (lambda q, k, v, ids: fn(q, k, v, q_segment_ids=ids)), path
         return fn, path
     window = shape.window_size if shape.window >= 0 else None
     fn = functools.partial(jax.nn.dot_product_attention, is_causal=shape.causal,
@@ -199,17 +230,19 @@ def attention_fn(impl: str, shape: Shape, softmax_scale: float, backend: str):
 
 def pass_fn(pass_: str, attention):
     """The function a pass times. It returns a tuple whose leading entries the oracle checks:
-    (out,) for fwd; (dq, dk, dv, loss) for fwd_bwd, whose inputs carry dout after q, k and v."""
+    (out,) for fwd; (dq, dk, dv, loss) for fwd_bwd, whose inputs carry dout after q, k and v.
+    Any further inputs (the segment ids) go to `attention` after q, k and v: as arguments, not
+    constants, so that XLA cannot fold their preprocessing out of the timed call."""
     if pass_ == "fwd":
-        return lambda q, k, v: (attention(q, k, v),)
+        return lambda q, k, v, *ids: (attention(q, k, v, *ids),)
 
-    def loss(q, k, v, dout):
-        return jnp.sum(attention(q, k, v).astype(jnp.float32) * dout)
+    def loss(q, k, v, dout, *ids):
+        return jnp.sum(attention(q, k, v, *ids).astype(jnp.float32) * dout)
 
     # The loss is returned so that XLA cannot drop the forward's P·V product, which no gradient
     # needs: without it, plain XLA would do less work than the FLOPs credited to it.
-    def grads_and_loss(q, k, v, dout):
-        value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, dout)
+    def grads_and_loss(q, k, v, dout, *ids):
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, dout, *ids)
         return (*grads, value)
 
     return grads_and_loss
@@ -217,6 +250,9 @@ def pass_fn(pass_: str, attention):
 
 def skip_reason(impl: str, shape: Shape, backend: str, xla_max_seqlen: int,
                 deadline: float) -> str | None:
+    if impl in ("cudnn", "xla") and shape.segments > 1:
+        # A [b, 1, s, s] mask would stand in for them, but that is no longer the fused kernel.
+        return "jax.nn.dot_product_attention takes no segment ids"
     if impl == "cudnn" and backend != "gpu":
         return "cuDNN needs an NVIDIA GPU"
     if impl == "xla" and shape.seqlen > xla_max_seqlen:
@@ -260,6 +296,15 @@ def time_per_call(fn, input_sets, settings: TimingSettings) -> tuple[float, int]
     return statistics.median(per_call), calls
 
 
+def segment_ids(shape: Shape) -> jax.Array | None:
+    """int32 [batch, seqlen] q_segment_ids: document i holds tokens [i·L, (i + 1)·L) of every
+    row, L = seqlen / segments; None without segments."""
+    if shape.segments == 1:
+        return None
+    ids = np.repeat(np.arange(shape.segments, dtype=np.int32), shape.seqlen // shape.segments)
+    return jnp.asarray(np.broadcast_to(ids, (shape.batch, shape.seqlen)))
+
+
 def random_cotangent(shape: Shape, key) -> jax.Array:
     """fwd_bwd's dout: float32 standard normal, like the loss it multiplies."""
     dims = (shape.batch, shape.seqlen, shape.num_heads, shape.head_dim)
@@ -278,9 +323,11 @@ def error_slice(x: jax.Array, axis: str, kv_group: int) -> jax.Array:
 _STATIC = ("causal", "softmax_scale", "window_size")
 
 
-def _reference_fwd(q, k, v, dout, *, causal, softmax_scale, window_size):
+def _reference_fwd(q, k, v, dout, *, causal, softmax_scale, window_size, q_segment_ids=None,
+                   kv_segment_ids=None):
     out, _ = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                 window_size=window_size)
+                                 window_size=window_size, q_segment_ids=q_segment_ids,
+                                 kv_segment_ids=kv_segment_ids)
     return (out,)
 
 
@@ -298,7 +345,8 @@ _REFERENCES = {
 
 
 def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale: float,
-                      window_size: tuple[int, int] = (-1, -1)) -> list[np.ndarray]:
+                      window_size: tuple[int, int] = (-1, -1),
+                      q_segment_ids=None) -> list[np.ndarray]:
     """The float32 oracle's (out,) or (dq, dk, dv), computed on the host CPU (apart from the device
     under test, and with no autotuning per shape), REFERENCE_CHUNK query rows at a time to bound
     its memory. The loss is a sum over query rows, so the chunks' gradients add up to the whole's.
@@ -306,17 +354,23 @@ def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale:
     The bench's shapes are square (seqlen_q == seqlen_k). For causal, the queries [start, stop) see
     no key at or past `stop`; handing the oracle only keys [0, stop) keeps its bottom-right
     alignment equal to the full problem's (and a window's, which is aligned like causal).
+    q_segment_ids [batch, seqlen] (kv's are the same) are cut along with the queries and keys.
     """
     cpu = jax.devices("cpu")[0]
     q, k, v, dout = (jax.device_put(x, cpu).astype(jnp.float32) for x in (q, k, v, dout))
+    if q_segment_ids is not None:  # on the host too, with the oracle's other inputs
+        q_segment_ids = np.asarray(q_segment_ids)
     oracle, axes = _REFERENCES[pass_]
     totals = [np.zeros(q.shape if axis == "q" else k.shape, np.float32) for axis in axes]
     seqlen = q.shape[1]
     for start in range(0, seqlen, REFERENCE_CHUNK):
         stop = min(start + REFERENCE_CHUNK, seqlen)
         keys = stop if causal else seqlen
+        ids = {} if q_segment_ids is None else dict(q_segment_ids=q_segment_ids[:, start:stop],
+                                                    kv_segment_ids=q_segment_ids[:, :keys])
         parts = oracle(q[:, start:stop], k[:, :keys], v[:, :keys], dout[:, start:stop],
-                       causal=causal, softmax_scale=softmax_scale, window_size=window_size)
+                       causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                       **ids)
         for axis, total, part in zip(axes, totals, parts):
             if axis == "q":
                 total[:, start:stop] = part
@@ -342,10 +396,13 @@ def bench_shape(shape: Shape, impls, passes, settings: TimingSettings, backend: 
     """One row per (pass, impl): its time and error, or why it was skipped or failed."""
     input_sets = [random_inputs(shape, part) for part in jax.random.split(key, INPUT_SETS)]
     dout = random_cotangent(shape, jax.random.fold_in(key, INPUT_SETS))
+    ids = segment_ids(shape)
+    extra = () if ids is None else (ids,)  # what attention takes after q, k and v
     softmax_scale = 1.0 / math.sqrt(shape.head_dim)
     rows = []
     for pass_ in passes:
-        inputs = input_sets if pass_ == "fwd" else [(*qkv, dout) for qkv in input_sets]
+        inputs = [(*qkv, *extra) if pass_ == "fwd" else (*qkv, dout, *extra)
+                  for qkv in input_sets]
         reasons = {impl: skip_reason(impl, shape, backend, xla_max_seqlen, deadline)
                    for impl in impls}
         if not all(reasons.values()):
@@ -353,7 +410,9 @@ def bench_shape(shape: Shape, impls, passes, settings: TimingSettings, backend: 
                       for x, axis in zip((*input_sets[0], dout), ("q", "k", "k", "q"))]
             reference = reference_outputs(pass_, *sliced, causal=shape.causal,
                                           softmax_scale=softmax_scale,
-                                          window_size=shape.window_size)
+                                          window_size=shape.window_size,
+                                          q_segment_ids=None if ids is None else
+                                          ids[:ERROR_BATCH])
         for impl in impls:
             row = {"impl": impl, "pass": pass_, **dataclasses.asdict(shape)}
             if reasons[impl]:
@@ -381,19 +440,21 @@ def bench_shape(shape: Shape, impls, passes, settings: TimingSettings, backend: 
 
 # --- Reporting --------------------------------------------------------------------------------
 
-TABLE_HEADER = (f"{'impl':<10} {'pass':<7} {'path':<6} {'d':>4} {'seqlen':>6} {'b×h':>7} "
-                f"{'causal':<6} {'ms':>9} {'TFLOP/s':>8} {'vs cuDNN':>8} {'max|err|':>9} {'rel err':>8}  note")
+TABLE_HEADER = (f"{'impl':<10} {'pass':<7} {'path':<6} {'d':>4} {'seqlen':>6} {'seg':>3} "
+                f"{'b×h':>7} {'causal':<6} {'ms':>9} {'TFLOP/s':>8} {'vs cuDNN':>8} "
+                f"{'vs dense':>8} {'max|err|':>9} {'rel err':>8}  note")
 
 
 def format_row(row: dict, cudnn_ms: float | None) -> str:
     shape = (f"{row['impl']:<10} {row['pass']:<7} {row.get('path', '-'):<6} "
-             f"{row['head_dim']:>4} {row['seqlen']:>6} {row['batch']:>3}×{row['num_heads']:<3} "
-             f"{'yes' if row['causal'] else 'no':<6}")
+             f"{row['head_dim']:>4} {row['seqlen']:>6} {row.get('segments', 1):>3} "
+             f"{row['batch']:>3}×{row['num_heads']:<3} {'yes' if row['causal'] else 'no':<6}")
     if row["status"] != "ok":
-        return f"{shape} {'':>9} {'':>8} {'':>8} {'':>9} {'':>8}  {row['status']}"
+        return f"{shape} {'':>9} {'':>8} {'':>8} {'':>8} {'':>9} {'':>8}  {row['status']}"
     ratio = (f"{cudnn_ms / row['ms']:.2f}x"
              if cudnn_ms is not None and row["impl"] != "cudnn" else "")
-    return (f"{shape} {row['ms']:>9.3f} {row['tflops']:>8.4g} {ratio:>8} "
+    vs_dense = f"{row['vs_dense']:.2f}x" if "vs_dense" in row else ""
+    return (f"{shape} {row['ms']:>9.3f} {row['tflops']:>8.4g} {ratio:>8} {vs_dense:>8} "
             f"{row['max_abs_err']:>9.2e} {row['rel_err']:>8.1e}")
 
 
@@ -402,6 +463,15 @@ def format_shape_rows(rows: list[dict]) -> list[str]:
     same pass."""
     cudnn_ms = {r["pass"]: r["ms"] for r in rows if r["impl"] == "cudnn" and r["status"] == "ok"}
     return [format_row(row, cudnn_ms.get(row["pass"])) for row in rows]
+
+
+def add_vs_dense(packed_rows: list[dict], dense_rows: list[dict]) -> None:
+    """Gives each packed row that ran "vs_dense": its TFLOP/s (on the useful FLOPs) over that of
+    the dense equivalent's row of the same impl and pass, where that one ran too."""
+    dense = {(r["impl"], r["pass"]): r["tflops"] for r in dense_rows if r["status"] == "ok"}
+    for row in packed_rows:
+        if row["status"] == "ok" and (row["impl"], row["pass"]) in dense:
+            row["vs_dense"] = row["tflops"] / dense[row["impl"], row["pass"]]
 
 
 def run_metadata(argv, backend: str, dtype: str, passes, settings: TimingSettings) -> dict:
@@ -417,8 +487,8 @@ def run_metadata(argv, backend: str, dtype: str, passes, settings: TimingSetting
         "dtype": dtype,
         "passes": list(passes),
         "timing": dataclasses.asdict(settings),
-        "flops": "fwd: 4*batch*heads*seqlen^2*head_dim, halved for causal (with a window: the "
-                 "visible pairs instead of seqlen^2); fwd_bwd: 3.5x fwd",
+        "flops": "fwd: 4*batch*heads*seqlen^2*head_dim, halved for causal (with a window or "
+                 "segments > 1: the visible pairs instead of seqlen^2); fwd_bwd: 3.5x fwd",
         "error": f"vs float32 oracle on batch[:{ERROR_BATCH}], query heads[:{ERROR_HEADS}] "
                  "(with GQA, the first group); "
                  "fwd_bwd: the worst of dq, dk, dv, for loss = sum(out * dout)",
@@ -470,6 +540,10 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=-1,
                         help="sliding window: keys within W of the diagonal on each side "
                              "(with causal, to the left only); default none")
+    parser.add_argument("--segments", type=int, default=1, metavar="N",
+                        help="packed sequences: time each seqlen S as N documents of S / N "
+                             "tokens per row (segment ids) next to its dense equivalent, batch·N "
+                             "rows of S / N; 'vs dense' compares the two (default 1: off)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer seqlens and shorter timing, for a first look")
     parser.add_argument("--xla-max-seqlen", type=int, default=DEFAULT_XLA_MAX_SEQLEN,
@@ -513,28 +587,36 @@ def main(argv=None) -> None:
     if args.ring:
         run_ring(args, argv, backend, settings)
         return
-    shapes = build_grid(args, backend)
+    groups = build_grid(args, backend)
     report = run_metadata(argv, backend, args.dtype, args.passes, settings)
 
+    packed = (f"; seg {args.segments}: rows packed with {args.segments} documents, FLOPs of the "
+              f"visible pairs, 'vs dense' over the dense equivalent's below"
+              if args.segments > 1 else "")
     print(f"# {report['device']} ({backend}), jax {report['jax_version']}, {args.dtype}, "
-          f"{len(shapes)} configurations × passes {','.join(args.passes)}; TFLOP/s = "
+          f"{sum(map(len, groups))} configurations × passes {','.join(args.passes)}; TFLOP/s = "
           f"4·b·h·s²·d / time for fwd, 3.5× that for fwd_bwd (causal: half); errors vs the "
-          f"float32 oracle", flush=True)
+          f"float32 oracle{packed}", flush=True)
     print(TABLE_HEADER, flush=True)
-    keys = jax.random.split(jax.random.key(args.seed), len(shapes))
-    for shape, key in zip(shapes, keys):
-        rows = bench_shape(shape, args.impls, args.passes, settings, backend,
-                           args.xla_max_seqlen, deadline, key)
-        report["rows"].extend(rows)
+    keys = iter(jax.random.split(jax.random.key(args.seed), sum(map(len, groups))))
+    for group in groups:
+        results = [bench_shape(shape, args.impls, args.passes, settings, backend,
+                               args.xla_max_seqlen, deadline, next(keys)) for shape in group]
+        if len(results) == 2:
+            add_vs_dense(*results)
+        for rows in results:
+            report["rows"].extend(rows)
+            print("\n".join(format_shape_rows(rows)), flush=True)
         # Written after every configuration, so a run cut short keeps what it measured.
         write_json(args.out, report)
-        print("\n".join(format_shape_rows(rows)), flush=True)
     print(f"# wrote {args.out}", flush=True)
     if not args.no_charts:
         write_charts(report, args.out)
 
 
 def run_ring(args, argv, backend: str, settings: TimingSettings) -> None:
+    if args.segments != 1:
+        raise SystemExit("--segments is not a --ring option")
     devices = jax.devices()[:args.devices]
     gpu = backend == "gpu"
     shapes = _bench_ring.ring_shapes(

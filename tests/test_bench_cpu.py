@@ -1,10 +1,13 @@
 """The benchmark's own arithmetic, oracle, charts and command line, on a tiny grid."""
 
 import json
+import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jax_flash
 from jax_flash import bench
@@ -156,3 +159,56 @@ def test_max_seconds_skips_what_is_left(tmp_path):
     statuses = {row["status"] for row in json.loads(out.read_text())["rows"]}
     assert statuses <= {"skipped: --max-seconds spent", "skipped: cuDNN needs an NVIDIA GPU"}
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_segment_flops_count_each_documents_pairs():
+    # Against a dense mask: pairs in the same document, and causal / window within it.
+    seqlen, segments, window = 48, 4, 5
+    i, j = np.arange(seqlen)[:, None], np.arange(seqlen)[None, :]
+    same = i // (seqlen // segments) == j // (seqlen // segments)
+    for causal in (False, True):
+        for w in (-1, window):
+            visible = same & (j <= i if causal else True)
+            if w >= 0:
+                visible &= (j >= i - w) & (j <= i + w)
+            shape = bench.Shape(batch=3, seqlen=seqlen, num_heads=2, head_dim=16, causal=causal,
+                                dtype="bf16", window=w, segments=segments)
+            assert bench.visible_pairs(shape) == visible.sum()
+            assert bench.forward_flops(shape) == 4 * 3 * 2 * 16 * visible.sum()
+
+
+def test_segments_time_packed_rows_next_to_their_dense_equivalent(tmp_path, monkeypatch):
+    # flash alone, fwd_bwd alone (it runs the forward too) and causal: compiles are most of it.
+    monkeypatch.setattr(bench, "QUICK_TIMING", bench.TimingSettings(1, 1, 0.0))
+    out = tmp_path / "packed.json"
+    bench.main(["--out", str(out), "--segments", "2", "--impls", "flash", "--passes", "fwd_bwd",
+                *TINY[:-3], "--causal", "true", "--quick"])
+    packed, dense = json.loads(out.read_text())["rows"]
+    assert (packed["segments"], packed["batch"], packed["seqlen"]) == (2, 2, 64)
+    assert (dense["segments"], dense["batch"], dense["seqlen"]) == (1, 4, 32)
+    for row in (packed, dense):
+        assert row["status"] == "ok" and 0 < row["rel_err"] < 2e-2, row
+    # 2 documents of 32 tokens, causal: 2 · 32·33/2 visible pairs per (batch, head).
+    useful = 3.5 * 4 * 2 * packed["num_heads"] * 32 * 33 * packed["head_dim"]
+    assert math.isclose(packed["tflops"] * packed["ms"] * 1e9, useful, rel_tol=1e-9)
+    assert math.isclose(packed["vs_dense"], packed["tflops"] / dense["tflops"])
+    assert "vs_dense" not in dense
+    # The chart draws the packed series beside the dense one at the documents' length.
+    assert (tmp_path / "packed_fwd_bwd_d32.png").stat().st_size > 0
+    # jax.nn.dot_product_attention's impls skip the packed shape, and only it.
+    for impl in ("cudnn", "xla"):
+        reason = bench.skip_reason(impl, bench.Shape(**{k: packed[k] for k in (
+            "batch", "seqlen", "num_heads", "head_dim", "causal", "dtype", "segments")}),
+            "gpu", 10**6, math.inf)
+        assert reason == "jax.nn.dot_product_attention takes no segment ids"
+        assert bench.skip_reason(impl, bench.Shape(**{k: dense[k] for k in (
+            "batch", "seqlen", "num_heads", "head_dim", "causal", "dtype")}),
+            "gpu", 10**6, math.inf) is None
+
+
+def test_bad_segments_exit_clearly(tmp_path):
+    for segments, message in (("3", "--segments 3 does not divide seqlen 64"),
+                              ("0", "--segments must be 1 (off) or more")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            bench.main(["--out", str(tmp_path / "bad.json"), "--segments", segments, *TINY])
+    assert not (tmp_path / "bad.json").exists()

@@ -232,7 +232,7 @@ def test_bad_feature_arguments(options, match):
 
 
 @pytest.mark.parametrize("options,named", [
-    ({"window_size": (3, 0)}, "window_size"),
+    ({"window_size": (3, 0), "softcap": 2.0}, "softcap"),  # the kernels run windows
     ({"softcap": 5.0, "bias": jnp.ones((11,), jnp.bfloat16)}, "bias, softcap"),
     ({"mask": jnp.ones((11,), bool), "dropout_rate": 0.1, "dropout_rng": jax.random.key(0)},
      "mask, dropout_rate"),

@@ -231,8 +231,9 @@ def test_bad_segment_ids(q_ids, kv_ids, error, match):
         jax_flash.flash_attention(q, k, v, q_segment_ids=q_ids, kv_segment_ids=kv_ids)
 
 
-def test_cuda_implementation_names_segment_ids():
+def test_cuda_implementation_names_only_what_the_kernels_lack():
+    """The kernels run segment ids; combined with softcap, only softcap is named."""
     q, k, v, _, _ = _inputs(60, 1, 4, 4, 2, 2, 8)
-    with pytest.raises(ValueError, match="cannot run segment_ids"):
-        jax_flash.flash_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)),
+    with pytest.raises(ValueError, match="cannot run softcap: "):
+        jax_flash.flash_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), softcap=2.0,
                                   implementation="cuda", q_segment_ids=jnp.zeros((1, 4), int))
