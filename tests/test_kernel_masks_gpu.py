@@ -1,6 +1,6 @@
 """Sliding windows, segment ids and flash_attention_varlen in the CUDA kernels
-(implementation="cuda"), forward (out, lse) and gradients (dq, dk, dv) together, against the
-float32 oracle given the same options; GPU only.
+(implementation="cuda"), forward (out, lse) and gradients (dq, dk, dv), against the float32
+oracle given the same options; GPU only.
 
 The bar is FlashAttention's, as in test_fwd_gpu and grad_oracle: out within twice the error of the
 same dense computation in the inputs' dtype (attention_reference with the same options and
