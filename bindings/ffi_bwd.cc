@@ -27,7 +27,8 @@ bool HasShape(const Buffer& buffer, std::initializer_list<int64_t> shape) {
 
 ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> delta,
-                        ffi::RemainingArgs token_ranges, ffi::Result<ffi::AnyBuffer> dq_result, ffi::Result<ffi::AnyBuffer> dk_result,
+                        ffi::RemainingArgs token_ranges, ffi::Result<ffi::AnyBuffer> dq_result,
+                        ffi::Result<ffi::AnyBuffer> dk_result,
                         ffi::Result<ffi::AnyBuffer> dv_result, ffi::ResultBuffer<ffi::F32> dq_accum_result,
                         ffi::ResultBuffer<ffi::S32> dq_semaphore_result, float softmax_scale, bool causal,
                         int32_t window_left, int32_t window_right, bool deterministic) {

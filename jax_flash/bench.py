@@ -323,10 +323,10 @@ def error_slice(x: jax.Array, axis: str, kv_group: int) -> jax.Array:
 _STATIC = ("causal", "softmax_scale", "window_size")
 
 
-def _reference_fwd(q, k, v, dout, *, causal, softmax_scale, window_size, q_segment_ids=None,
-                   kv_segment_ids=None):
+def _reference_fwd(q, k, v, dout, *, causal, softmax_scale, window_size, mask=None,
+                   q_segment_ids=None, kv_segment_ids=None):
     out, _ = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                 window_size=window_size, q_segment_ids=q_segment_ids,
+                                 window_size=window_size, mask=mask, q_segment_ids=q_segment_ids,
                                  kv_segment_ids=kv_segment_ids)
     return (out,)
 
@@ -353,7 +353,8 @@ def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale:
 
     The bench's shapes are square (seqlen_q == seqlen_k). For causal, the queries [start, stop) see
     no key at or past `stop`; handing the oracle only keys [0, stop) keeps its bottom-right
-    alignment equal to the full problem's (and a window's, which is aligned like causal).
+    alignment equal to the full problem's. A chunk's window would be aligned to the chunk's own
+    bottom-right corner, so it goes to the oracle as a mask over global positions instead.
     q_segment_ids [batch, seqlen] (kv's are the same) are cut along with the queries and keys.
     """
     cpu = jax.devices("cpu")[0]
@@ -369,14 +370,29 @@ def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale:
         ids = {} if q_segment_ids is None else dict(q_segment_ids=q_segment_ids[:, start:stop],
                                                     kv_segment_ids=q_segment_ids[:, :keys])
         parts = oracle(q[:, start:stop], k[:, :keys], v[:, :keys], dout[:, start:stop],
-                       causal=causal, softmax_scale=softmax_scale, window_size=window_size,
-                       **ids)
+                       causal=causal, softmax_scale=softmax_scale, window_size=(-1, -1),
+                       mask=_window_mask(window_size, start, stop, keys), **ids)
         for axis, total, part in zip(axes, totals, parts):
             if axis == "q":
                 total[:, start:stop] = part
             else:
                 total[:, :keys] += part
     return totals
+
+
+def _window_mask(window_size, start: int, stop: int, keys: int) -> np.ndarray | None:
+    """[stop − start, keys] True where query start + i sees key j under window_size (square
+    shapes: the diagonal is j = i); None without a window."""
+    left, right = window_size
+    if (left, right) == (-1, -1):
+        return None
+    rows, cols = np.arange(start, stop)[:, None], np.arange(keys)[None, :]
+    visible = np.ones((stop - start, keys), bool)
+    if left >= 0:
+        visible &= cols >= rows - left
+    if right >= 0:
+        visible &= cols <= rows + right
+    return visible
 
 
 def output_errors(pass_: str, outputs, references, kv_group: int) -> tuple[float, float]:

@@ -42,21 +42,24 @@ def test_window_flops_count_the_visible_pairs():
         assert bench.forward_flops(shape) == 4 * 3 * 2 * 16 * visible.sum()
 
 
-def test_chunked_oracle_gradients_match_whole(make_qkv, monkeypatch):
-    # Causal, so that each chunk sees a different prefix of the keys; 40 rows in chunks of 32
-    # leave a partial last chunk.
+@pytest.mark.parametrize("causal,window_size", [(True, (-1, -1)), (False, (9, 5)),
+                                                (True, (9, -1))])
+def test_chunked_oracle_gradients_match_whole(make_qkv, monkeypatch, causal, window_size):
+    # Causal, so that each chunk sees a different prefix of the keys, and windows, which must
+    # stay on the whole problem's diagonal; 40 rows in chunks of 32 leave a partial last chunk.
     q, k, v = make_qkv(1, 40, 40, 2, 24)
     dout = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
+    options = dict(causal=causal, softmax_scale=0.3, window_size=window_size)
 
     @jax.jit
     def whole(q, k, v):
         def loss(q, k, v):
-            out, _ = jax_flash.attention_reference(q, k, v, causal=True, softmax_scale=0.3)
+            out, _ = jax_flash.attention_reference(q, k, v, **options)
             return jnp.sum(out * dout)
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
     monkeypatch.setattr(bench, "REFERENCE_CHUNK", 32)
-    chunked = bench.reference_outputs("fwd_bwd", q, k, v, dout, causal=True, softmax_scale=0.3)
+    chunked = bench.reference_outputs("fwd_bwd", q, k, v, dout, **options)
     for got, want in zip(chunked, whole(q, k, v), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
