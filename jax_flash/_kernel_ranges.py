@@ -19,7 +19,6 @@ O(s log s), with no [seqlen_q, seqlen_k] intermediate and no bound on the number
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 # Unbounded (and larger) windows become this, so that position ± window stays in int32; any
 # window this large is unbounded in practice (positions are token indices or distances within a
@@ -119,20 +118,19 @@ def _hulls(row_ids, row_pos, col_ids, col_pos, before, after):
 def _bisect(values, start, end, low, high):
     """Per row, (the first k in [start, end) with values[k] >= low, the first with
     values[k] > high), end where there is none: binary searches of each row's run, values
-    being non-decreasing on it. The two searches share one loop."""
+    being non-decreasing on it. The two searches share one loop, unrolled in Python: on GPU an
+    XLA while loop costs a round trip to the host per iteration (measured on an H200, 16k keys:
+    510 µs for the loop's 15 steps against 30 µs unrolled)."""
     last = values.shape[0] - 1
     steps = max(1, values.shape[0]).bit_length()  # halvings to empty a run of up to len(values)
     target = jnp.stack([low, high])
     strict = jnp.array([False, True])[:, None]  # > high, not >= high
 
-    def halve(_, bounds):
-        lo, hi = bounds
+    lo, hi = jnp.stack([start, start]), jnp.stack([end, end])
+    for _ in range(steps):
         mid = (lo + hi) // 2
         value = values[jnp.minimum(mid, last)]
         below = jnp.where(strict, value <= target, value < target)
         searching = lo < hi
-        return (jnp.where(searching & below, mid + 1, lo),
-                jnp.where(searching & ~below, mid, hi))
-
-    bounds = (jnp.stack([start, start]), jnp.stack([end, end]))
-    return tuple(lax.fori_loop(0, steps, halve, bounds)[0])
+        lo, hi = (jnp.where(searching & below, mid + 1, lo), jnp.where(searching & ~below, mid, hi))
+    return tuple(lo)
