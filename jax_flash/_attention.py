@@ -14,7 +14,7 @@ from jax_flash._bwd_primitive import flash_bwd_p
 from jax_flash._config import FlashConfig
 from jax_flash._dropout import dropout_seed
 from jax_flash._fwd_primitive import flash_fwd_p
-from jax_flash._kernel_choice import check_kernel_features
+from jax_flash._kernel_choice import check_kernel_features, pad_head_dim
 from jax_flash._segments import segment_operands
 from jax_flash._sinks import add_sinks, sinks_grad
 from jax_flash._validation import (
@@ -48,8 +48,10 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
       k: [batch, seqlen_k, kv_heads, head_dim] keys; kv_heads divides heads (grouped-query and,
         with one kv head, multi-query attention): query head i uses kv head
         i // (heads // kv_heads).
-      v: [batch, seqlen_k, kv_heads, head_dim] values. q, k and v share one dtype: float16,
-        bfloat16, float32 (or float64 with x64 enabled); head_dim is at most 256.
+      v: [batch, seqlen_k, kv_heads, head_dim_v] values. q, k and v share one dtype: float16,
+        bfloat16, float32 (or float64 with x64 enabled); head_dim and head_dim_v are at most 256.
+        head_dim_v may differ from head_dim (e.g. 192 for q and k with 128 for v, DeepSeek's
+        MLA shape): the smaller is zero-padded to the larger, so the cost is that of the larger.
       causal: query i sees key j iff j <= i + seqlen_k - seqlen_q (aligned to the bottom right, as
         FlashAttention 2.1 and later). A query that sees no key (seqlen_q > seqlen_k) gets out = 0
         and lse = -inf, the log of an empty sum.
@@ -90,7 +92,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
         seqlen_k. flash_attention_varlen takes the same packing as cu_seqlens.
 
     Returns:
-      out [batch, seqlen_q, heads, head_dim] in q's dtype, or (out, lse) with lse float32
+      out [batch, seqlen_q, heads, head_dim_v] in q's dtype, or (out, lse) with lse float32
       [batch, heads, seqlen_q] when return_lse is set.
 
     Reverse mode (jax.grad, jax.vjp) works, with respect to q, k, v, bias, alibi_slopes and sinks
@@ -115,7 +117,8 @@ def flash_attention_with_positions(q, k, v, *, causal, softmax_scale, return_lse
     int32 ([batch, seqlen_q], [batch, seqlen_k]) per-token positions that replace
     i + seqlen_k - seqlen_q and j in causal, window_size and ALiBi (see _tile_scores)."""
     q, k, v = (_as_array(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
-    scale, return_lse = check_common_options(q, k, v, implementation, softmax_scale, return_lse)
+    scale, return_lse = check_common_options(q, k, v, implementation, softmax_scale, return_lse,
+                                             value_head_dim_may_differ=True)
     batch, seqlen_q, heads, head_dim = q.shape
     scores_shape = (batch, heads, seqlen_q, k.shape[1])
     extras = {}
@@ -160,8 +163,15 @@ def flash_attention_with_positions(q, k, v, *, causal, softmax_scale, return_lse
     )
     if implementation == "cuda":
         check_kernel_features(config)
+    # A head_dim of v unlike q's and k's: zero-pad the smaller to the larger, which changes no
+    # score and no output column, and slice the output back (the cost is that of the larger).
+    value_head_dim = v.shape[3]
+    if value_head_dim != head_dim:
+        width = max(head_dim, value_head_dim)
+        q, k, v = (pad_head_dim(x, width) for x in (q, k, v))
     out, lse = _attention(q, k, v, tuple(extras[name] for name in config.extra_operand_names()),
                           sinks, config)
+    out = out[..., :value_head_dim]
     return (out, lse) if return_lse else out
 
 

@@ -32,8 +32,9 @@ def _dtype_names(dtypes) -> str:
     return ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def check_qkv(q, k, v) -> None:
-    """Raises ValueError for shapes and TypeError for dtypes that no implementation takes."""
+def check_qkv(q, k, v, *, value_head_dim_may_differ: bool = False) -> None:
+    """Raises ValueError for shapes and TypeError for dtypes that no implementation takes.
+    value_head_dim_may_differ: v's head_dim need not be q's and k's (flash_attention pads)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if len(x.shape) != 4:
             raise ValueError(
@@ -45,11 +46,16 @@ def check_qkv(q, k, v) -> None:
                 f"jax-flash: {name} has an empty {' and '.join(empty)} dimension "
                 f"(shape {tuple(x.shape)}); every dimension must be at least 1")
 
-    for axis, dim in ((0, "batch"), (3, "head_dim")):
-        if not q.shape[axis] == k.shape[axis] == v.shape[axis]:
-            raise ValueError(
-                f"jax-flash: q, k and v must have the same {dim} (axis {axis}); "
-                f"got {_describe(q, k, v)}")
+    if not q.shape[0] == k.shape[0] == v.shape[0]:
+        raise ValueError(
+            f"jax-flash: q, k and v must have the same batch (axis 0); got {_describe(q, k, v)}")
+    if value_head_dim_may_differ and q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"jax-flash: q and k must have the same head_dim (axis 3); v's may differ; got "
+            f"{_describe(q, k, v)}")
+    if not value_head_dim_may_differ and not q.shape[3] == k.shape[3] == v.shape[3]:
+        raise ValueError(
+            f"jax-flash: q, k and v must have the same head_dim (axis 3); got {_describe(q, k, v)}")
     if k.shape[2] != v.shape[2]:
         raise ValueError(
             f"jax-flash: k and v must have the same number of heads (axis 2); got "
@@ -61,10 +67,11 @@ def check_qkv(q, k, v) -> None:
     if k.shape[1] != v.shape[1]:
         raise ValueError(
             f"jax-flash: k and v must have the same seqlen (axis 1); got {_describe(q, k, v)}")
-    if q.shape[3] > MAX_HEAD_DIM:
-        raise ValueError(
-            f"jax-flash: head_dim {q.shape[3]} of q is larger than {MAX_HEAD_DIM}, the largest "
-            f"head_dim jax-flash supports; got {_describe(q, k, v)}")
+    for name, x in (("q", q), ("v", v)):
+        if x.shape[3] > MAX_HEAD_DIM:
+            raise ValueError(
+                f"jax-flash: head_dim {x.shape[3]} of {name} is larger than {MAX_HEAD_DIM}, the "
+                f"largest head_dim jax-flash supports; got {_describe(q, k, v)}")
 
     for name, x in (("q", q), ("k", k), ("v", v)):
         if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
@@ -230,10 +237,11 @@ def check_implementation(implementation) -> None:
             f"jax-flash: implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
 
 
-def check_common_options(q, k, v, implementation, softmax_scale, return_lse):
+def check_common_options(q, k, v, implementation, softmax_scale, return_lse, *,
+                         value_head_dim_may_differ: bool = False):
     """The checks every attention entry point makes: shapes and dtypes, the implementation (and
     the kernels' dtypes when it is "cuda"), the scale and return_lse. Returns (scale, return_lse)."""
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, value_head_dim_may_differ=value_head_dim_may_differ)
     check_implementation(implementation)
     if implementation == "cuda":
         check_kernel_dtype(q.dtype)
