@@ -119,8 +119,8 @@ def _bisect(values, start, end, low, high):
     """Per row, (the first k in [start, end) with values[k] >= low, the first with
     values[k] > high), end where there is none: binary searches of each row's run, values
     being non-decreasing on it. The two searches share one loop, unrolled in Python: on GPU an
-    XLA while loop costs a round trip to the host per iteration (measured on an H200, 16k keys:
-    510 µs for the loop's 15 steps against 30 µs unrolled)."""
+    XLA while loop costs a round trip to the host per iteration (measured on an H200, 16k keys,
+    each figure with ~65 µs of dispatch: 584 µs for the loop's 15 steps, 79 µs unrolled)."""
     last = values.shape[0] - 1
     steps = max(1, values.shape[0]).bit_length()  # halvings to empty a run of up to len(values)
     target = jnp.stack([low, high])

@@ -109,6 +109,20 @@ def test_pads_to_the_smallest_compiled_head_dim(pretend_build, head_dim, padded)
     assert re.search(rf"-> \(tensor<1x9x2x{head_dim}xbf16>.*, tensor<1x2x9xf32>", hlo)
 
 
+
+def test_value_head_dim_pads_to_one_kernel_head_dim(pretend_build):
+    """q/k 192 with v 128 call the d192 kernel with v zero-padded, and return v's 128 columns."""
+    pretend_build(head_dims=(128, 192))
+    q = jax.ShapeDtypeStruct((1, 9, 2, 192), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 11, 2, 192), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((1, 11, 2, 128), jnp.bfloat16)
+    hlo = jax.jit(jax_flash.flash_attention).trace(q, k, v).lower(
+        lowering_platforms=("cuda",)).as_text()
+    (call,) = _kernel_calls(hlo)
+    assert _operand_types(call) == ["tensor<1x9x2x192xbf16>"] + ["tensor<1x11x2x192xbf16>"] * 2
+    (main,) = [line for line in hlo.splitlines() if "func.func public @main" in line]
+    assert main.endswith("-> (tensor<1x9x2x128xbf16> {jax.result_info = \"result\"}) {"), main
+
 # Builds and GPUs the kernel cannot serve, with the reason each one's message gives.
 KERNEL_CANNOT_RUN = [
     (dict(kernels=False), "left out of this pretend build"),
