@@ -19,12 +19,6 @@ namespace {
 
 constexpr const char* kTarget = "jax_flash_bwd";
 
-template <typename Buffer>
-bool HasShape(const Buffer& buffer, std::initializer_list<int64_t> shape) {
-  const auto dims = buffer.dimensions();
-  return std::equal(dims.begin(), dims.end(), shape.begin(), shape.end());
-}
-
 ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> delta,
                         ffi::RemainingArgs token_ranges, ffi::Result<ffi::AnyBuffer> dq_result,

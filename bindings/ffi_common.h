@@ -59,6 +59,13 @@ inline std::string BuiltHeadDimList() {
   return os.str();
 }
 
+// Whether buffer's dimensions are exactly `shape`.
+template <typename Buffer>
+bool HasShape(const Buffer& buffer, std::initializer_list<int64_t> shape) {
+  const auto dims = buffer.dimensions();
+  return std::equal(dims.begin(), dims.end(), shape.begin(), shape.end());
+}
+
 inline bool AllInIntRange(xla::ffi::Span<const int64_t> dims) {
   return std::all_of(dims.begin(), dims.end(), [](int64_t d) { return d >= 1 && d <= INT_MAX; });
 }

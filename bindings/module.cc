@@ -56,6 +56,7 @@ NB_MODULE(_C, m) {
 #if JAX_FLASH_WITH_CUDA
         targets["jax_flash_fwd"] = nb::capsule(reinterpret_cast<void*>(FlashFwd));
         targets["jax_flash_bwd"] = nb::capsule(reinterpret_cast<void*>(FlashBwd));
+        targets["jax_flash_segment_ranges"] = nb::capsule(reinterpret_cast<void*>(SegmentRanges));
 #endif
         return targets;
       },

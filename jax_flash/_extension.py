@@ -12,6 +12,7 @@ import jax
 # The targets the lowerings call; see _fwd_primitive and _bwd_primitive for their contracts.
 FWD_TARGET = "jax_flash_fwd"
 BWD_TARGET = "jax_flash_bwd"
+SEGMENT_RANGES_TARGET = "jax_flash_segment_ranges"  # see _kernel_ranges
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,8 @@ def _load() -> BuildInfo:
     if not info["cuda"]:
         return BuildInfo(False, info["reason"] or "jax_flash._C was built without CUDA", (), ())
     targets = compiled.registrations()
-    missing = [name for name in (FWD_TARGET, BWD_TARGET) if name not in targets]
+    missing = [name for name in (FWD_TARGET, BWD_TARGET, SEGMENT_RANGES_TARGET)
+               if name not in targets]
     if missing:
         return BuildInfo(False, f"jax_flash._C registers no {missing[0]!r} target", (), ())
     for name, capsule in targets.items():

@@ -198,3 +198,40 @@ def test_grad_falls_back_with_the_forward(pretend_build, setup):
 def test_xla_implementation_never_calls_the_backward_kernel(pretend_build):
     pretend_build()
     assert not _backward_calls(_lower_grad_for_cuda((1, 9, 2, 64), implementation="xla"))
+
+
+# ---- packed sequences ------------------------------------------------------------------------
+
+def _segment_ranges_calls(hlo: str) -> list[str]:
+    return [line for line in hlo.splitlines() if "custom_call @jax_flash_segment_ranges(" in line]
+
+
+def test_segment_ids_build_ranges_on_the_gpu_for_both_passes(pretend_build):
+    """The ranges target runs before each kernel: ids in, row and key ranges and its workspace
+    out (hash tables: 4 arrays per side and row, each a power of two >= 2·seqlen: 4·2·(64 + 64)
+    ints for 2 rows of 17 queries and 23 keys), the causal band as window_right = 0; the kernels take row_ranges
+    (and the backward key_ranges) and the key ids."""
+    pretend_build(head_dims=(64,))
+    ids_q = jax.ShapeDtypeStruct((2, 17), jnp.int32)
+    ids_k = jax.ShapeDtypeStruct((2, 23), jnp.int32)
+    qkv = [jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in
+           ((2, 17, 4, 64), (2, 23, 4, 64), (2, 23, 4, 64))]
+
+    def loss(q, k, v, q_ids, kv_ids):
+        out = jax_flash.flash_attention(q, k, v, causal=True, q_segment_ids=q_ids,
+                                        kv_segment_ids=kv_ids)
+        return jnp.sum(out.astype(jnp.float32))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    hlo = grad.trace(*qkv, ids_q, ids_k).lower(lowering_platforms=("cuda",)).as_text()
+    calls = _segment_ranges_calls(hlo)
+    assert calls
+    for call in calls:
+        assert _operand_types(call) == ["tensor<2x17xi32>", "tensor<2x23xi32>"]
+        assert "-> (tensor<2x17x4xi32>, tensor<2x23x2xi32>, tensor<1024xi32>)" in call
+        assert "window_left = -1 : i32" in call and "window_right = 0 : i32" in call
+    (forward,) = _kernel_calls(hlo)
+    assert _operand_types(forward)[3:] == ["tensor<2x17x4xi32>", "tensor<2x23xi32>"]
+    (backward,) = _backward_calls(hlo)
+    assert _operand_types(backward)[6:] == ["tensor<2x17x4xi32>", "tensor<2x23x2xi32>",
+                                            "tensor<2x23xi32>"]
