@@ -2,7 +2,6 @@
 // cuda/segment_ranges.h): checks the buffers, launches on XLA's stream.
 #include <cuda_runtime_api.h>
 
-#include <climits>
 #include <string>
 
 #include "ffi_common.h"
@@ -32,8 +31,10 @@ ffi::Error SegmentRangesImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> q_ids, f
                            AllInIntRange(kv_ids.dimensions()),
               kv_ids, "[batch, seqlen_k] with the batch of " + Describe("q_ids", q_ids));
   const int64_t seqlen_k = kv_ids.dimensions()[1];
-  FLASH_CHECK(kTarget, (batch + 1) * (seqlen_q + seqlen_k) < INT_MAX, q_ids,
-              "fewer than 2^31 tokens in all, with " + Describe("kv_ids", kv_ids));
+  // The hash tables hold 2·seqlen slots rounded up to a power of two, in int.
+  constexpr int64_t kMaxSeqlen = int64_t(1) << 29;
+  FLASH_CHECK(kTarget, seqlen_q <= kMaxSeqlen, q_ids, "seqlen_q at most 2^29");
+  FLASH_CHECK(kTarget, seqlen_k <= kMaxSeqlen, kv_ids, "seqlen_k at most 2^29");
   FLASH_CHECK(kTarget, HasShape(row_ranges, {batch, seqlen_q, 4}), row_ranges, "[batch, seqlen_q, 4]");
   FLASH_CHECK(kTarget, HasShape(key_ranges, {batch, seqlen_k, 2}), key_ranges, "[batch, seqlen_k, 2]");
   const int64_t workspace_ints = segment_ranges_workspace_ints(int(batch), int(seqlen_q), int(seqlen_k));
@@ -51,10 +52,13 @@ ffi::Error SegmentRangesImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> q_ids, f
     const auto q_pos = positions.get<ffi::Buffer<ffi::S32>>(0);
     const auto kv_pos = positions.get<ffi::Buffer<ffi::S32>>(1);
     if (q_pos.has_error() || kv_pos.has_error()) return bad_positions();
-    FLASH_CHECK(kTarget, HasShape(*q_pos, {batch, seqlen_q}), *q_pos, "the shape of " + Describe("q_ids", q_ids));
-    FLASH_CHECK(kTarget, HasShape(*kv_pos, {batch, seqlen_k}), *kv_pos, "the shape of " + Describe("kv_ids", kv_ids));
-    params.q_pos = q_pos->typed_data();
-    params.kv_pos = kv_pos->typed_data();
+    const ffi::Buffer<ffi::S32> q_positions = *q_pos, kv_positions = *kv_pos;
+    FLASH_CHECK(kTarget, HasShape(q_positions, {batch, seqlen_q}), q_positions,
+                "the shape of " + Describe("q_ids", q_ids));
+    FLASH_CHECK(kTarget, HasShape(kv_positions, {batch, seqlen_k}), kv_positions,
+                "the shape of " + Describe("kv_ids", kv_ids));
+    params.q_pos = q_positions.typed_data();
+    params.kv_pos = kv_positions.typed_data();
   }
   params.batch = int(batch);
   params.seqlen_q = int(seqlen_q);

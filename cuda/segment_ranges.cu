@@ -1,6 +1,7 @@
-// See segment_ranges.h. Three launches over the tokens: reset the hash tables, insert every
-// token's segment (atomics on first, last and count), then one thread per query row and per key
-// reads its segment's entry and cuts it by the band.
+// See segment_ranges.h. Three launches over the tokens: reset the hash tables; record each run
+// of equal ids (its first token inserts the segment, lowers `first` and counts the run; its last
+// raises `last`), so a long segment costs a few atomics, not one per token; then one thread per
+// query row and per key reads its segment's entry and cuts it by the band.
 #include <algorithm>
 #include <climits>
 
@@ -13,12 +14,13 @@ constexpr int kEmpty = -1;  // no key in this slot; segment ids >= 0 are the onl
 constexpr int kThreads = 256;
 
 // Open-addressing table per batch row, capacity a power of two at least twice the tokens, so a
-// free slot always exists. Arrays [batch][capacity] of key, first index, last index, count.
+// free slot always exists. Arrays [batch][capacity] of key, first index, last index, and the
+// number of runs of the segment's tokens (1: contiguous).
 struct SegmentTable {
   int* keys;
   int* first;
   int* last;
-  int* count;
+  int* runs;
   int capacity;
 
   static __host__ __device__ int capacity_for(int seqlen) {
@@ -61,29 +63,34 @@ struct SegmentTable {
 __global__ void reset_tables(SegmentTable kv, SegmentTable q, int batch) {
   const int64_t kv_slots = int64_t(batch) * kv.capacity, slots = kv_slots + int64_t(batch) * q.capacity;
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < slots; t += int64_t(gridDim.x) * blockDim.x) {
-    SegmentTable& table = t < kv_slots ? kv : q;
-    const int64_t slot = t < kv_slots ? t : t - kv_slots;
-    table.keys[slot] = kEmpty;
-    table.first[slot] = INT_MAX;
-    table.last[slot] = -1;
-    table.count[slot] = 0;
+    const bool is_key = t < kv_slots;
+    const int64_t slot = is_key ? t : t - kv_slots;
+    (is_key ? kv.keys : q.keys)[slot] = kEmpty;
+    (is_key ? kv.first : q.first)[slot] = INT_MAX;
+    (is_key ? kv.last : q.last)[slot] = -1;
+    (is_key ? kv.runs : q.runs)[slot] = 0;
   }
 }
 
-__global__ void insert_tokens(SegmentRangesParams p, SegmentTable kv, SegmentTable q) {
+__global__ void insert_runs(SegmentRangesParams p, SegmentTable kv, SegmentTable q) {
   const int64_t kv_tokens = int64_t(p.batch) * p.seqlen_k, tokens = kv_tokens + int64_t(p.batch) * p.seqlen_q;
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < tokens; t += int64_t(gridDim.x) * blockDim.x) {
     const bool is_key = t < kv_tokens;
     const int seqlen = is_key ? p.seqlen_k : p.seqlen_q;
     const int64_t flat = is_key ? t : t - kv_tokens;
     const int batch = int(flat / seqlen), index = int(flat % seqlen);
-    const int segment = (is_key ? p.kv_ids : p.q_ids)[flat];
-    if (segment < 0) continue;
-    SegmentTable& table = is_key ? kv : q;
+    const int* ids = is_key ? p.kv_ids : p.q_ids;
+    const int segment = ids[flat];
+    const bool run_begins = index == 0 || ids[flat - 1] != segment;
+    const bool run_ends = index == seqlen - 1 || ids[flat + 1] != segment;
+    if (segment < 0 || !(run_begins || run_ends)) continue;
+    SegmentTable table = is_key ? kv : q;
     const int64_t slot = table.find_or_insert(batch, segment);
-    atomicMin(table.first + slot, index);
-    atomicMax(table.last + slot, index);
-    atomicAdd(table.count + slot, 1);
+    if (run_begins) {
+      atomicMin(table.first + slot, index);
+      atomicAdd(table.runs + slot, 1);
+    }
+    if (run_ends) atomicMax(table.last + slot, index);
   }
 }
 
@@ -127,7 +134,7 @@ __global__ void build_ranges(SegmentRangesParams p, SegmentTable kv, SegmentTabl
         const int* pos = p.kv_pos == nullptr ? nullptr : p.kv_pos + int64_t(batch) * p.seqlen_k;
         const long long center = p.q_pos == nullptr ? (long long)i + shift : p.q_pos[t];
         const int2 keys = cut(first, last_plus, pos, center, p.window_left, p.window_right);
-        const bool contiguous = kv.count[slot] == last_plus - first;
+        const bool contiguous = kv.runs[slot] == 1;
         if (keys.x < keys.y) range = make_int4(keys.x, keys.y, contiguous ? 1 : 0, segment);
       }
       p.row_ranges[t] = range;
@@ -164,7 +171,7 @@ cudaError_t run_segment_ranges(const SegmentRangesParams& params, cudaStream_t s
   const int64_t slots = int64_t(params.batch) * (kv.capacity + q.capacity);
   const int64_t tokens = int64_t(params.batch) * (params.seqlen_q + params.seqlen_k);
   reset_tables<<<blocks_for(slots), kThreads, 0, stream>>>(kv, q, params.batch);
-  insert_tokens<<<blocks_for(tokens), kThreads, 0, stream>>>(params, kv, q);
+  insert_runs<<<blocks_for(tokens), kThreads, 0, stream>>>(params, kv, q);
   build_ranges<<<blocks_for(tokens), kThreads, 0, stream>>>(params, kv, q);
   return cudaGetLastError();
 }

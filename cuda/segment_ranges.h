@@ -1,6 +1,6 @@
 // Packed sequences: FlashFwdParams::row_ranges and key_ranges (see token_ranges.h) built from
 // segment ids on the GPU in O(seqlen). A hash table per batch row maps each segment id to the
-// first and last index of its tokens and how many there are; each query row then takes its
+// first and last index of its tokens and how many runs they form; each query row then takes its
 // segment's keys, cut by the band, and each key its segment's queries.
 #pragma once
 

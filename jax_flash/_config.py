@@ -25,7 +25,8 @@ class FlashConfig:
       keys of its own segment, and negative ids are padding.
     has_positions: q_positions and kv_positions follow: per-token positions that replace
       i + seqlen_k - seqlen_q and j in causal, window_size and ALiBi (flash_attention_varlen's
-      per-sequence alignment).
+      per-sequence alignment). The kernels' ranges (_kernel_ranges) then need every segment
+      contiguous with non-decreasing positions, which varlen's layout guarantees.
     """
 
     causal: bool

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from jax_flash._kernel_ranges import kernel_ranges
+from jax_flash import _extension
 from jax_flash._varlen import _sequence_layout
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    not _extension.kernels_built(), reason=f"no CUDA kernels: {_extension.why_no_kernels()}")]
 
 WINDOWS = [(-1, -1), (0, 0), (2, 0), (0, 3), (1, 1), (3, -1), (-1, 2), (5, 4)]
 OPTIONS = list(itertools.product([False, True], WINDOWS))
@@ -99,6 +101,10 @@ def _check(q_ids, kv_ids, q_pos, kv_pos, causal, window_size, ranges=None):
             # exact = 0 unless the range is empty.
             contiguous = qp is not None or _contiguous(ki, qi[i])
             assert exact == (1 if contiguous or lo == hi else 0), where
+            if lo < hi:  # within the band and within the segment's extent in kv
+                assert kernel_band[i, lo] and kernel_band[i, hi - 1], where
+                hits = np.flatnonzero(ki == qi[i])
+                assert hits.size and hits[0] <= lo and hi <= hits[-1] + 1, where
             if contiguous:
                 assert (lo, hi) == _hull(visible[i]), where
                 np.testing.assert_array_equal(visible[i, lo:hi], kernel_band[i, lo:hi], where)
@@ -186,11 +192,24 @@ def test_under_jit_many_tokens():
     pack in one row, ids drawn from a wide range with padding in the other."""
     rng = np.random.default_rng(3)
     sq, sk = 1500, 1300
-    q_ids = np.stack([np.sort(rng.integers(0, 40, sq)), rng.integers(-1, 2**30, sq)])
-    kv_ids = np.stack([np.sort(rng.integers(0, 40, sk)), rng.choice(q_ids[1], sk)])
+    wide = rng.integers(0, 2**30, sq)
+    wide[rng.random(sq) < 0.1] = -1  # padding
+    q_ids = np.stack([np.sort(rng.integers(0, 40, sq)), wide])
+    kv_ids = np.stack([np.sort(rng.integers(0, 40, sk)), rng.choice(wide, sk)])
     options = dict(causal=True, window_size=(300, -1))
     ranges = jax.jit(lambda q, k: kernel_ranges(q, k, **options))(q_ids, kv_ids)
     _check(q_ids, kv_ids, None, None, **options, ranges=ranges)
+
+
+def test_windows_wider_than_int32():
+    """Windows past 2^31 - 1 are unbounded in effect: the same ranges as -1."""
+    rng = np.random.default_rng(4)
+    q_ids, kv_ids = rng.integers(-1, 3, (2, Q_WIDTH)), rng.integers(-1, 3, (2, K_WIDTH))
+    wide = kernel_ranges(q_ids, kv_ids, causal=False, window_size=(2**40, 2**33))
+    unbounded = kernel_ranges(q_ids, kv_ids, causal=False, window_size=(-1, -1))
+    for got, want in zip(wide, unbounded):
+        np.testing.assert_array_equal(got, want)
+    _check(q_ids, kv_ids, None, None, False, (-1, -1), ranges=wide)
 
 
 def test_varlen_under_jit():
