@@ -152,14 +152,14 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
   // ---- Prologue: K and V once, the first query tile ----
   Tensor tKsK = gmem_thr_copy.partition_D(sK);
   Tensor tVsV = gmem_thr_copy.partition_D(sV);
-  copy_rows</*kZeroFill=*/true>(gmem_copy, gmem_thr_copy.partition_S(gK), tKsK, tKVcKV, keys_in_tile);
-  copy_rows</*kZeroFill=*/true>(gmem_copy, gmem_thr_copy.partition_S(gV), tVsV, tKVcKV, keys_in_tile);
+  copy_whole_rows(gmem_copy, gmem_thr_copy.partition_S(gK), tKsK, tKVcKV, keys_in_tile);
+  copy_whole_rows(gmem_copy, gmem_thr_copy.partition_S(gV), tVsV, tKVcKV, keys_in_tile);
   auto load_query_tile = [&](int m_block, int stage) {
     const int rows = p.seqlen_q - m_block * kBlockM;
     Tensor tQsQ = gmem_thr_copy.partition_D(q_stage(smem_q, stage));
     Tensor tdOsdO = gmem_thr_copy.partition_D(q_stage(smem_do, stage));
-    copy_rows</*kZeroFill=*/true>(gmem_copy, tQgQ(_, _, _, m_block), tQsQ, tQcQ, rows);
-    copy_rows</*kZeroFill=*/true>(gmem_copy, tdOgdO(_, _, _, m_block), tdOsdO, tQcQ, rows);
+    copy_whole_rows(gmem_copy, tQgQ(_, _, _, m_block), tQsQ, tQcQ, rows);
+    copy_whole_rows(gmem_copy, tdOgdO(_, _, _, m_block), tdOsdO, tQcQ, rows);
     // The row statistics travel with the tile, so the loop never waits on a global load. Rows
     // past seqlen_q get lse -inf and delta 0.
     static_assert(kBlockM <= Traits::kNThreads);
