@@ -36,6 +36,8 @@ struct OnlineSoftmax {
   template <typename Scores, typename AccO>
   __forceinline__ __device__ void update(Scores& scores, AccO& acc_o, float scale_log2) {
     static_assert(decltype(size<0>(scores))::value == kRows);
+    float correction[kRows];
+    bool max_moved = false;
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       float tile_max = row_max(r);
@@ -44,17 +46,25 @@ struct OnlineSoftmax {
       const float new_max = quad_max(tile_max);
       // A row with every key masked so far keeps max -inf; shift by 0 so exp2 gives 0, not NaN.
       const float shift = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-      const float correction = exp2f(row_max(r) * scale_log2 - shift);
+      correction[r] = exp2f(row_max(r) * scale_log2 - shift);
+      max_moved |= new_max != row_max(r);
       row_max(r) = new_max;
-      float sum = row_sum(r) * correction;
+      float sum = row_sum(r) * correction[r];
       CUTE_UNROLL
       for (int c = 0; c < size<1>(scores); ++c) {
         scores(r, c) = exp2f(scores(r, c) * scale_log2 - shift);
         sum += scores(r, c);
       }
       row_sum(r) = sum;
+    }
+    // Once the maxima settle, most tiles leave every row's maximum where it was: the correction
+    // is then 1 and the warp skips rescaling the output accumulator.
+    if (__any_sync(0xffffffff, max_moved)) {
       CUTE_UNROLL
-      for (int c = 0; c < size<1>(acc_o); ++c) acc_o(r, c) *= correction;
+      for (int r = 0; r < kRows; ++r) {
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(acc_o); ++c) acc_o(r, c) *= correction[r];
+      }
     }
   }
 
