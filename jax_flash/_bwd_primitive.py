@@ -88,7 +88,7 @@ def _lower_sharded(ctx, local_fn, operands, config: FlashConfig):
     """local_fn runs on each device's shard of a sharded computation (see _sharding)."""
     names = ("q", "k", "v", "out", "lse", "dout", "dlse", *config.extra_operand_names())
     return lower_partitioned(ctx, local_fn, operands, operand_names=names,
-                             result_names=_grad_names(config))
+                             result_names=_grad_names(config), config=config)
 
 
 # Query rows per dq_semaphore counter and the multiple dq_accum's rows are rounded up to

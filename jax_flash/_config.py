@@ -25,8 +25,9 @@ class FlashConfig:
       keys of its own segment, and negative ids are padding.
     has_positions: q_positions and kv_positions follow: per-token positions that replace
       i + seqlen_k - seqlen_q and j in causal, window_size and ALiBi (flash_attention_varlen's
-      per-sequence alignment). The kernels' ranges (_kernel_ranges) then need every segment
-      contiguous with non-decreasing positions, which varlen's layout guarantees.
+      per-sequence alignment, ring attention's global positions). The kernels' ranges
+      (_kernel_ranges) then need positions non-decreasing over each segment's extent, which
+      both guarantee.
     """
 
     causal: bool
@@ -56,7 +57,7 @@ class FlashConfig:
     def features(self) -> tuple[str, ...]:
         """The options beyond plain and causal attention this call uses, by argument name."""
         used = [name for name in ("alibi_slopes", "mask", "bias") if getattr(self, "has_" + name)]
-        if self.has_positions:  # only flash_attention_varlen passes positions
+        if self.has_positions:  # varlen's positions, or ring attention's: the kernels run both
             used.append("flash_attention_varlen")
         elif self.has_segment_ids:
             used.append("segment_ids")

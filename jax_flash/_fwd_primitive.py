@@ -92,7 +92,7 @@ def _lower_sharded(ctx, local_fn, operands, config: FlashConfig):
     """local_fn runs on each device's shard of a sharded computation (see _sharding)."""
     return lower_partitioned(ctx, local_fn, operands,
                              operand_names=("q", "k", "v", *config.extra_operand_names()),
-                             result_names=("out", "lse"))
+                             result_names=("out", "lse"), config=config)
 
 
 mlir.register_lowering(flash_fwd_p, _default_lowering)

@@ -32,8 +32,10 @@ def kernel_ranges(q_segment_ids, kv_segment_ids, q_positions=None, kv_positions=
         their tokens lie (unsorted, non-contiguous ids are fine); negative ids are padding,
         which sees nothing and is seen by nothing.
       q_positions, kv_positions: None, or int [b, sq], [b, sk] per-token positions replacing
-        i + sk − sq and j in the band (flash_attention_varlen's _sequence_layout). Every
-        segment must then be contiguous with non-decreasing positions, as varlen's layout is.
+        i + sk − sq and j in the band (flash_attention_varlen's _sequence_layout, ring
+        attention's global positions). They must then be non-decreasing over each segment's
+        extent (its first token to its last), as both layouts are: the band is cut by
+        bisection.
       causal, window_size: as in FlashConfig.
 
     Returns:

@@ -11,13 +11,20 @@ The policy, read off one table of which dimension of each operand and result is 
   - heads are split only over mesh axes whose total size divides the number of kv heads, so
     every device holds whole groups of query heads together with the kv head they read (query
     head i reads kv head i // (heads // kv_heads)); otherwise heads are gathered;
-  - seqlen_q, seqlen_k and head_dim are gathered: each query needs every key, and causal masks
-    need absolute positions. (ring_attention is the way to split the sequence.)
+  - a sequence split over mesh axes that batch and heads leave free runs as ring attention
+    over those axes (see _ring.partitioned_ring): each device keeps its contiguous slice of q
+    and k, the key/value slices travel with collective-permutes, and masks are taken in global
+    positions. The ring takes plain, causal, window_size, segment ids and softcap, and needs
+    both seqlens divisible by the axes' size (and equal under causal or window_size); any other
+    sequence split (ALiBi, mask, bias, dropout, varlen) is gathered, as each query needs every
+    key;
+  - head_dim is gathered;
   - a gradient of an operand broadcast along a split dimension (a bias shared by the batch) is
     summed over the devices that split it, as broadcasting's gradient is;
   - with dropout, heads are gathered (its mask depends on the head index).
-Batch- and head-sharded inputs thus compile to a program with no collectives at all, and any
-other sharding is gathered explicitly by the partitioner: slower, never wrong.
+Batch- and head-sharded inputs thus compile to a program with no collectives at all, a
+sequence split to collective-permutes only, and any other sharding is gathered explicitly by
+the partitioner: slower, never wrong.
 
 Inside shard_map (all axes manual), pmap and on one device, there is nothing to partition:
 lower_partitioned lowers the single-device computation directly.
@@ -32,6 +39,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jax_flash._config import FlashConfig
+
 BATCH = "batch"
 SEQLEN_Q = "seqlen_q"
 SEQLEN_K = "seqlen_k"
@@ -39,6 +48,7 @@ HEADS = "heads"
 KV_HEADS = "kv_heads"
 HEAD_DIM = "head_dim"
 SEED = "seed"  # the two uint32 words of a dropout seed
+SEQLEN = "seqlen"  # the role of SEQLEN_Q and SEQLEN_K together when the ring splits them
 
 # The dimensions of every operand and result of the primitives, by name. An operand added to a
 # primitive gets a line here, and its lowering passes the name (see lower_partitioned). Operands
@@ -67,7 +77,7 @@ DIMS = {
     "dalibi_slopes": (BATCH, HEADS),
 }
 
-# Dimensions every device holds whole.
+# Dimensions every device holds whole (the seqlens unless the ring takes them).
 _GATHERED = (SEQLEN_Q, SEQLEN_K, HEAD_DIM, SEED)
 
 # Shardy factor names. With grouped-query attention, query heads and kv heads are two factors:
@@ -84,11 +94,13 @@ def needs_devices_when_lowering(primitive) -> None:
     dispatch.prim_requires_devices_during_lowering.add(primitive)
 
 
-def lower_partitioned(ctx, local_fn, operands, *, operand_names, result_names):
+def lower_partitioned(ctx, local_fn, operands, *, operand_names, result_names,
+                      config: FlashConfig):
     """Lowers `local_fn(*operands)`, the single-device computation, with the sharding rules.
 
     operand_names and result_names name each operand and result as in DIMS; the lowering
-    context's abstract values give their shapes.
+    context's abstract values give their shapes. config: the primitive's, which a sequence
+    split runs as a ring.
     """
     # local_fn is traced afresh here, on shapes and dtypes alone: how its operands vary over
     # shard_map's manual axes was checked when the primitive was bound, and its own scans start
@@ -96,7 +108,7 @@ def lower_partitioned(ctx, local_fn, operands, *, operand_names, result_names):
     ctx = ctx.replace(avals_in=[jax.core.ShapedArray(a.shape, a.dtype) for a in ctx.avals_in])
     if not _partitioned_context(ctx):
         return mlir.lower_fun(local_fn, multiple_results=True)(ctx, *operands)
-    layouts = _Layouts(ctx.avals_in, operand_names, ctx.avals_out, result_names)
+    layouts = _Layouts(ctx.avals_in, operand_names, ctx.avals_out, result_names, config)
     # custom_partitioning reads the signature; local_fn may be a partial with keyword arguments.
     partitioned = custom_partitioning(lambda *xs: tuple(local_fn(*xs)))
     partitioned.def_partition(
@@ -149,7 +161,7 @@ class _Layouts:
     """Each operand's and result's dimensions as DIMS names them (None: a broadcast dimension of
     size 1), and the size of each named dimension."""
 
-    def __init__(self, avals_in, operand_names, avals_out, result_names):
+    def __init__(self, avals_in, operand_names, avals_out, result_names, config: FlashConfig):
         named_in = [(_dims_of(name, aval), aval.shape) for name, aval in
                     zip(operand_names, avals_in, strict=True)]
         self.sizes = {}
@@ -169,6 +181,18 @@ class _Layouts:
         # Dropout draws its mask from the seed and the head index, which a device holding a
         # slice of the heads would count from 0: every slice would drop the same entries.
         self.heads_splittable = SEED not in self.sizes
+        self.backward = "dq" in result_names
+        # The config a sequence split runs as a ring, or None: the sequence is gathered.
+        self.ring_config = config if self._ring_can_run(config) else None
+
+    def _ring_can_run(self, config: FlashConfig) -> bool:
+        from jax_flash._ring import ring_takes  # _ring imports the primitives, which import us
+
+        if not ring_takes(config):
+            return False
+        # Causal and window masks in global positions need one length on both sides.
+        banded = config.causal or config.window_size != (-1, -1)
+        return not banded or self.sizes[SEQLEN_Q] == self.sizes[SEQLEN_K]
 
     def _broadcast(self, dims, shape):
         return tuple(None if size == 1 < self.sizes[dim] else dim
@@ -189,7 +213,8 @@ class _Layouts:
 
     def shardy_gathered_factors(self) -> tuple[str, ...]:
         # Shardy wants these in the order the rule first names them.
-        gathered = {_FACTORS[dim] for dim in _GATHERED}
+        gathered = {_FACTORS[dim] for dim in _GATHERED
+                    if self.ring_config is None or dim not in (SEQLEN_Q, SEQLEN_K)}
         if not self.heads_splittable:
             gathered |= {_FACTORS[HEADS], _FACTORS[KV_HEADS]}
         tokens = self.shardy_rule().replace("(", " ").replace(")", " ").replace(",", " ").split()
@@ -205,26 +230,40 @@ def _normalized(entry) -> tuple:
     return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
+def _role(dim) -> str:
+    """What a dimension is split as: kv heads with the query heads, both seqlens by the ring."""
+    return HEADS if dim == KV_HEADS else SEQLEN if dim in (SEQLEN_Q, SEQLEN_K) else dim
+
+
+# The dimensions whose sizes the mesh axes splitting each role must divide.
+_COUNTED = {BATCH: (BATCH,), HEADS: (KV_HEADS,), SEQLEN: (SEQLEN_Q, SEQLEN_K)}
+
+
 def _split_axes(layouts, mesh, arg_shapes) -> dict | None:
-    """The mesh axes that split batch and heads, {BATCH: axes, HEADS: axes}, each taken from the
-    first operand that splits that dimension in a way the policy allows; None where shardings
-    carry no mesh axis names."""
+    """The mesh axes that split batch, heads and (through the ring) the sequence, {BATCH: axes,
+    HEADS: axes, SEQLEN: axes}, each taken from the first operand that splits that dimension in
+    a way the policy allows; None where shardings carry no mesh axis names."""
     if not all(isinstance(a.sharding, NamedSharding) for a in arg_shapes):
         return None
-    split = {BATCH: (), HEADS: ()}
+    split = {BATCH: (), HEADS: (), SEQLEN: ()}
     used = set()
     for dims, arg in zip(layouts.operands, arg_shapes):
         spec = tuple(arg.sharding.spec) + (None,) * (arg.ndim - len(arg.sharding.spec))
         for dim, entry in zip(dims, spec):
-            role = HEADS if dim == KV_HEADS else dim
+            role = _role(dim)
             axes = _normalized(entry)
             if role not in split or split[role] or not axes or used & set(axes):
                 continue
             if role == HEADS and not layouts.heads_splittable:
                 continue
-            # Whole batch rows and whole kv head groups on each device: the split must be even.
-            count = layouts.sizes[KV_HEADS if role == HEADS else BATCH]
-            if count % math.prod(mesh.shape[axis] for axis in axes) == 0:
+            if role == SEQLEN and layouts.ring_config is None:
+                continue
+            # Whole batch rows, whole kv head groups and equal slices of both seqlens on each
+            # device: the split must be even.
+            size = math.prod(mesh.shape[axis] for axis in axes)
+            if role == SEQLEN and size == 1:  # nothing to pass around
+                continue
+            if all(layouts.sizes[dim] % size == 0 for dim in _COUNTED[role]):
                 split[role] = axes
                 used |= set(axes)
     return split
@@ -233,7 +272,7 @@ def _split_axes(layouts, mesh, arg_shapes) -> dict | None:
 def _sharding(mesh, dims, split) -> NamedSharding:
     spec = []
     for dim in dims:
-        axes = split.get(HEADS if dim == KV_HEADS else dim, ())
+        axes = split.get(_role(dim), ())
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return NamedSharding(mesh, PartitionSpec(*spec))
 
@@ -252,6 +291,10 @@ def _partition(local_fn, layouts, mesh, arg_shapes):
                 tuple(_replicated(arg_shapes) for _ in layouts.operands))
     sum_axes = [tuple(axis for dim in dims for axis in split.get(dim, ()))
                 for dims in layouts.results_summed_over]
+    if split[SEQLEN]:
+        from jax_flash._ring import partitioned_ring  # see _Layouts._ring_can_run
+
+        local_fn = partitioned_ring(layouts.ring_config, mesh, split[SEQLEN], layouts.backward)
 
     def per_device(*operands):
         results = local_fn(*operands)

@@ -7,6 +7,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 import jax_flash
 from jax_flash import _extension, _kernel_choice
@@ -235,3 +237,36 @@ def test_segment_ids_build_ranges_on_the_gpu_for_both_passes(pretend_build):
     (backward,) = _backward_calls(hlo)
     assert _operand_types(backward)[6:] == ["tensor<2x17x4xi32>", "tensor<2x23x2xi32>",
                                             "tensor<2x23xi32>"]
+
+
+# ---- ring attention --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout,options,segments", [
+    ("contiguous", dict(causal=True, window_size=(5, -1)), False),
+    ("zigzag", dict(causal=True), True),
+    ("contiguous", dict(window_size=(3, 3)), True),
+], ids=["causal-window", "zigzag-causal-segments", "window-segments"])
+def test_ring_with_positions_calls_the_kernels_without_conditionals(pretend_build, layout,
+                                                                     options, segments):
+    """A window or segment ids: every ring step, forward and backward, is a kernel call on
+    global positions, the same program on every device, with no conditional (no `case`)."""
+    pretend_build(head_dims=(64,))
+    ring = functools.partial(jax_flash.ring_attention, axis_name="seq", layout=layout,
+                             implementation="cuda", **options)
+
+    def loss(q, k, v, ids):
+        out = ring(q, k, v, q_segment_ids=ids if segments else None)
+        return jnp.sum(out.astype(jnp.float32))
+
+    mesh = jax.make_mesh((2,), ("seq",), axis_types=(AxisType.Auto,), devices=jax.devices()[:2])
+    grad = jax.jit(jax.shard_map(jax.grad(loss, argnums=(0, 1, 2)), mesh=mesh,
+                                 in_specs=P(None, "seq"), out_specs=P(None, "seq"),
+                                 check_vma=False))
+    x = jax.ShapeDtypeStruct((1, 32, 2, 64), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((1, 32), jnp.int32)
+    hlo = grad.trace(x, x, x, ids).lower(lowering_platforms=("cuda",)).as_text()
+    assert not re.search(r"\bcase\b", hlo)
+    # Two steps, each a forward and a backward kernel call with its ranges.
+    assert len(_kernel_calls(hlo)) == 2 and len(_backward_calls(hlo)) == 2
+    assert len(_segment_ranges_calls(hlo)) == 4
+    assert "collective_permute" in hlo

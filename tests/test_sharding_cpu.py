@@ -1,7 +1,8 @@
 """flash_attention on sharded inputs, on 8 host CPU devices (see conftest): under jax.jit with
 NamedSharding (both partitioners), inside shard_map and inside a pmapped training step. Every
 result equals the single-device computation; batch and head shardings compile to programs with
-no collectives at all."""
+no collectives at all, sequence shardings to ring attention (collective-permutes, no
+all-gather), and sequence shardings the ring cannot take are gathered."""
 
 import functools
 
@@ -30,11 +31,13 @@ def _inputs(batch, seqlen, heads, kv_heads, head_dim):
     return q, k, v, dout, dlse
 
 
-@functools.partial(jax.jit, static_argnames="causal")
-def _attention_and_grads(q, k, v, dout, dlse, *, causal):
+@functools.partial(jax.jit, static_argnames=("causal", "options"))
+def _attention_and_grads(q, k, v, dout, dlse, arrays=None, *, causal, options=()):
     """(out, lse, dq, dk, dv) for cotangents (dout, dlse): no reduction of our own, so every
-    collective in the compiled program is the attention's."""
-    attention = functools.partial(jax_flash.flash_attention, causal=causal, return_lse=True)
+    collective in the compiled program is the attention's. options: static (name, value) pairs
+    and arrays {name: array} for flash_attention."""
+    attention = functools.partial(jax_flash.flash_attention, causal=causal, return_lse=True,
+                                  **dict(options), **(arrays or {}))
     (out, lse), vjp = jax.vjp(attention, q, k, v)
     return (out, lse, *vjp((dout, dlse)))
 
@@ -43,19 +46,24 @@ def _collectives(compiled_text):
     return [name for name in COLLECTIVES if name in compiled_text]
 
 
-def _check_sharded(mesh, spec, inputs, *, causal, local, kv_spec=None):
+def _check_sharded(mesh, spec, inputs, *, causal, local, kv_spec=None, options=(), arrays=None):
     """Runs with q, k, v, dout sharded by `spec` (k and v by kv_spec if given, dlse by the batch
-    and heads part of spec) and checks the results against the single-device run, and the
-    collectives against `local`."""
-    expected = _attention_and_grads(*inputs, causal=causal)
-    batch_axes, _, head_axes = (tuple(spec) + (None,) * 3)[:3]
+    and heads part of spec, `arrays` by the batch and sequence part when [batch, seqlen], e.g.
+    segment ids, else replicated) and checks the results against the single-device run, and
+    the collectives against `local`."""
+    arrays = arrays or {}
+    expected = _attention_and_grads(*inputs, arrays, causal=causal, options=options)
+    batch_axes, seq_axes, head_axes = (tuple(spec) + (None,) * 3)[:3]
     kv_sharding = NamedSharding(mesh, spec if kv_spec is None else kv_spec)
     shardings = [NamedSharding(mesh, spec), kv_sharding, kv_sharding, NamedSharding(mesh, spec),
                  NamedSharding(mesh, P(batch_axes, head_axes))]
     sharded = [jax.device_put(x, s) for x, s in zip(inputs, shardings)]
-    compiled = _attention_and_grads.lower(*sharded, causal=causal).compile()
+    sharded.append({name: jax.device_put(x, NamedSharding(
+        mesh, P(batch_axes, seq_axes) if x.ndim == 2 else P())) for name, x in arrays.items()})
+    compiled = _attention_and_grads.lower(*sharded, causal=causal, options=options).compile()
     for name, g, e in zip(("out", "lse", "dq", "dk", "dv"), compiled(*sharded), expected):
         np.testing.assert_allclose(g, e, atol=2e-5, rtol=2e-5, err_msg=name)
+        assert not np.isnan(np.asarray(g)).any(), name  # assert_allclose takes NaN for NaN
     text = compiled.as_text()
     if local:
         assert _collectives(text) == [], f"{spec}: {_collectives(text)}"
@@ -85,18 +93,55 @@ def test_gqa_heads_gathered_when_kv_heads_do_not_split(mesh):
     assert "all-gather" in text
 
 
-def test_sequence_sharding_is_gathered_not_wrong(mesh):
-    # Causal with bottom-right alignment: a local slice of queries would mask wrongly.
-    text = _check_sharded(mesh, P("x", "y"), _inputs(2, 32, 4, 4, 16), causal=True, local=False)
+def _segment_ids(batch, seqlen):
+    """Two packed sequences and padding at the end and in the middle of each row."""
+    ids = np.zeros((batch, seqlen), np.int32)
+    ids[:, seqlen // 3:] = 1
+    ids[:, -5:] = -1
+    ids[:, 2] = -1
+    return jnp.asarray(ids)
+
+
+def _assert_ring(text):
+    assert "collective-permute" in text
+    assert "all-gather" not in text and "all-to-all" not in text
+
+
+@pytest.mark.parametrize("spec,causal,options,segments", [
+    (P("y", "x"), True, (), False),
+    (P(None, ("y", "x")), False, (("window_size", (3, 1)),), True),
+], ids=["causal_batch_y_seq_x", "window_segments_seq_yx"])
+def test_sequence_sharding_runs_the_ring(mesh, spec, causal, options, segments):
+    # Each device keeps its slice of the sequence; K/V travel, nothing is gathered. Plain and
+    # causal attention take the ring without positions, a window or segment ids the one with
+    # (here over 8 devices in the order y, x: steps 0, 1 and 7 run, the others are skipped).
+    inputs = _inputs(4, 32, 4, 2, 16)
+    arrays = {"q_segment_ids": _segment_ids(4, 32)} if segments else None
+    _assert_ring(_check_sharded(mesh, spec, inputs, causal=causal, local=False,
+                                options=options, arrays=arrays))
+
+
+def test_sequence_sharding_the_ring_cannot_take_is_gathered(mesh):
+    # ALiBi depends on each token's position in its call: the ring does not take it, so the
+    # sequence is gathered (slower, never wrong).
+    slopes = jnp.linspace(0.1, 0.5, 4, dtype=jnp.float32)
+    text = _check_sharded(mesh, P("x", "y"), _inputs(2, 32, 4, 4, 16), causal=True, local=False,
+                          arrays={"alibi_slopes": slopes})
     assert "all-gather" in text
 
 
-def test_gspmd_partitioner(mesh):
+@pytest.mark.parametrize("spec", [P("x", None, "y"), P(None, "y", "x")],
+                         ids=["batch_heads", "seq_heads"])
+def test_gspmd_partitioner(mesh, spec):
     jax.config.update("jax_use_shardy_partitioner", False)
     try:
         _attention_and_grads.clear_cache()
-        _check_sharded(mesh, P("x", None, "y"), _inputs(2, 17, 4, 4, 16), causal=True,
-                       local=True)
+        if spec == P("x", None, "y"):
+            _check_sharded(mesh, spec, _inputs(2, 17, 4, 4, 16), causal=True, local=True)
+        else:  # the sequence over y as a ring, heads over x, softcap in every step
+            options = (("window_size", (-1, 5)), ("softcap", 3.0))
+            _assert_ring(_check_sharded(mesh, spec, _inputs(2, 32, 4, 2, 16), causal=False,
+                                        local=False, options=options))
     finally:
         jax.config.update("jax_use_shardy_partitioner", True)
         _attention_and_grads.clear_cache()
