@@ -76,36 +76,41 @@ def test_kernel_sharded_over_batch_or_heads_runs_locally(two_gpus, spec):
     assert "jax_flash_fwd" in text and "jax_flash_bwd" in text
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-def test_kernel_ring_attention_matches_one_gpu(two_gpus, layout):
-    seqlen = 2048
-    q = _random((1, seqlen, 8, 128), 5)
-    k, v = _random((1, seqlen, 2, 128), 6), _random((1, seqlen, 2, 128), 7)
-    dout, dlse = _random(q.shape, 8), _random((1, 8, seqlen), 9, jnp.float32)
-    whole = functools.partial(jax_flash.flash_attention, causal=True, return_lse=True,
-                              implementation="cuda")
-    with jax.default_device(two_gpus[0]):
-        expected = jax.jit(functools.partial(_vjp_outputs, whole))(q, k, v, dout, dlse)
+def _check_ring_matches_one_gpu(gpus, layout, options, seqlen, seed, ids=None):
+    """ring_attention in shard_map over 2 GPUs (the sequence split) against flash_attention on one:
+    out, lse and the gradients agree; the compiled ring permutes K/V and gathers nothing."""
+    q = _random((1, seqlen, 8, 128), seed)
+    k, v = _random((1, seqlen, 2, 128), seed + 1), _random((1, seqlen, 2, 128), seed + 2)
+    dout, dlse = _random(q.shape, seed + 3), _random((1, 8, seqlen), seed + 4, jnp.float32)
+    extra = () if ids is None else (ids,)
+    options = dict(options, return_lse=True, implementation="cuda")
+    whole = functools.partial(jax_flash.flash_attention, **options)
+    with jax.default_device(gpus[0]):
+        expected = jax.jit(functools.partial(_vjp_outputs, whole))(q, k, v, dout, dlse, *extra)
 
-    ring = functools.partial(jax_flash.ring_attention, axis_name="seq", causal=True,
-                             layout=layout, return_lse=True, implementation="cuda")
-    mesh = jax.make_mesh((2,), ("seq",), axis_types=(AxisType.Auto,), devices=two_gpus)
+    ring = functools.partial(jax_flash.ring_attention, axis_name="seq", layout=layout, **options)
+    mesh = jax.make_mesh((2,), ("seq",), axis_types=(AxisType.Auto,), devices=gpus)
     seq, lse_seq = P(None, "seq"), P(None, None, "seq")
     fn = jax.jit(jax.shard_map(functools.partial(_vjp_outputs, ring), mesh=mesh,
-                               in_specs=(seq,) * 4 + (lse_seq,),
+                               in_specs=(seq,) * 4 + (lse_seq,) + (seq,) * len(extra),
                                out_specs=(seq, lse_seq, seq, seq, seq)))
     if layout == "zigzag":
         to, back = (functools.partial(f, num_shards=2)
                     for f in (jax_flash.to_zigzag, jax_flash.from_zigzag))
     else:
         to = back = lambda x, axis=1: x
-    inputs = (to(q), to(k), to(v), to(dout), to(dlse, axis=2))
+    inputs = (to(q), to(k), to(v), to(dout), to(dlse, axis=2), *(to(x) for x in extra))
     compiled = fn.lower(*inputs).compile()
     out, lse, dq, dk, dv = compiled(*inputs)
     _assert_close((back(out), back(lse, axis=2), back(dq), back(dk), back(dv)), expected)
     text = compiled.as_text()
     assert "collective-permute" in text and "all-gather" not in text
     assert "jax_flash_fwd" in text and "jax_flash_bwd" in text
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_kernel_ring_attention_matches_one_gpu(two_gpus, layout):
+    _check_ring_matches_one_gpu(two_gpus, layout, dict(causal=True), seqlen=2048, seed=5)
 
 
 def _segment_ids(batch, seqlen):
@@ -122,33 +127,8 @@ def _segment_ids(batch, seqlen):
 def test_kernel_ring_window_and_segments_match_one_gpu(two_gpus, layout):
     # A causal window that reaches into the other device's slice, and packed sequences whose kv
     # ids travel with k and v: every step is a kernel call on global positions.
-    seqlen = 1024
-    q = _random((1, seqlen, 8, 128), 10)
-    k, v = _random((1, seqlen, 2, 128), 11), _random((1, seqlen, 2, 128), 12)
-    dout, dlse = _random(q.shape, 13), _random((1, 8, seqlen), 14, jnp.float32)
-    ids = _segment_ids(1, seqlen)
-    options = dict(causal=True, window_size=(300, -1), return_lse=True, implementation="cuda")
-    whole = functools.partial(jax_flash.flash_attention, **options)
-    with jax.default_device(two_gpus[0]):
-        expected = jax.jit(functools.partial(_vjp_outputs, whole))(q, k, v, dout, dlse, ids)
-    ring = functools.partial(jax_flash.ring_attention, axis_name="seq", layout=layout, **options)
-    mesh = jax.make_mesh((2,), ("seq",), axis_types=(AxisType.Auto,), devices=two_gpus)
-    seq, lse_seq = P(None, "seq"), P(None, None, "seq")
-    fn = jax.jit(jax.shard_map(functools.partial(_vjp_outputs, ring), mesh=mesh,
-                               in_specs=(seq,) * 4 + (lse_seq, seq),
-                               out_specs=(seq, lse_seq, seq, seq, seq)))
-    if layout == "zigzag":
-        to, back = (functools.partial(f, num_shards=2)
-                    for f in (jax_flash.to_zigzag, jax_flash.from_zigzag))
-    else:
-        to = back = lambda x, axis=1: x
-    inputs = (to(q), to(k), to(v), to(dout), to(dlse, axis=2), to(ids))
-    compiled = fn.lower(*inputs).compile()
-    out, lse, dq, dk, dv = compiled(*inputs)
-    _assert_close((back(out), back(lse, axis=2), back(dq), back(dk), back(dv)), expected)
-    text = compiled.as_text()
-    assert "collective-permute" in text and "all-gather" not in text
-    assert "jax_flash_fwd" in text and "jax_flash_bwd" in text
+    _check_ring_matches_one_gpu(two_gpus, layout, dict(causal=True, window_size=(300, -1)),
+                                seqlen=1024, seed=10, ids=_segment_ids(1, 1024))
 
 
 @pytest.mark.parametrize("options,segments", [
