@@ -11,9 +11,9 @@ lse, and one last hop brings dk and dv home.
 
 Causal attention needs the global positions of each slice. layout="contiguous" is the plain
 split (device i holds the i-th slice), where a device sees only the slices of devices before it:
-correct, but the last device does 2n-1 times the first one's work, and every step waits for it. layout="zigzag" is the balanced
-one (see _zigzag): every step after the first is exactly half a slice pair of work on every
-device, and the half that no query sees is skipped.
+correct, but the last device does 2n-1 times the first one's work, and every step waits for it.
+layout="zigzag" is the balanced one (see _zigzag): every step after the first is exactly half a
+slice pair of work on every device, and the half that no query sees is skipped.
 
 A window or segment ids take another path through the same ring: every step's attention call
 gets the global positions of this device's queries and of the visiting keys (the primitives'
