@@ -84,7 +84,8 @@ def ring_attention(q, k, v, *, axis_name, causal=False, softmax_scale=None, retu
 
     Plain and causal attention run the ring measured on GPUs. window_size and segment ids give
     every step's attention call global positions instead (see the module docstring); that
-    path is checked on CPU and in its CUDA lowering, and its GPU run is pending.
+    path is checked on CPU, in its CUDA lowering and on 2 GPUs (tests/test_sharding_gpu.py);
+    its speed is not measured yet.
     """
     scale, return_lse = check_common_options(q, k, v, implementation, softmax_scale, return_lse)
     causal = check_flag("causal", causal)
