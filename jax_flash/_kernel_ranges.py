@@ -1,8 +1,9 @@
 """Per-row key intervals (and per-key query intervals) for the CUDA kernels' segment ids and
 flash_attention_varlen, so they skip whole tiles instead of comparing ids element by element.
 Built on the GPU by the jax_flash_segment_ranges target (cuda/segment_ranges.h), in O(seqlen):
-a hash table per batch row gives each segment the first and last index of its tokens and their
-count; every row takes its segment's keys cut by the band, every key its segment's queries.
+a hash table per batch row gives each segment the first and last index of its tokens and how
+many runs they form; every row takes its segment's keys cut by the band, every key its segment's
+queries.
 
 Visibility (the rule of _tile_scores.TileScores.visible): query i sees key j iff both carry the
 same segment id >= 0 and the band holds,
