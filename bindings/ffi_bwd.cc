@@ -24,14 +24,15 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                         ffi::RemainingArgs token_ranges, ffi::Result<ffi::AnyBuffer> dq_result,
                         ffi::Result<ffi::AnyBuffer> dk_result,
                         ffi::Result<ffi::AnyBuffer> dv_result, ffi::ResultBuffer<ffi::F32> dq_accum_result,
-                        ffi::ResultBuffer<ffi::S32> dq_semaphore_result, float softmax_scale, bool causal,
-                        int32_t window_left, int32_t window_right, bool deterministic) {
+                        ffi::ResultBuffer<ffi::S32> dq_semaphore_result, float softmax_scale, float softcap,
+                        bool causal, int32_t window_left, int32_t window_right, bool deterministic) {
   const ffi::AnyBuffer dq = *dq_result;
   const ffi::Buffer<ffi::F32> dq_accum = *dq_accum_result;
   const ffi::AnyBuffer dk = *dk_result;
   const ffi::AnyBuffer dv = *dv_result;
   const ffi::Buffer<ffi::S32> dq_semaphore = *dq_semaphore_result;
   if (ffi::Error error = CheckQkv(kTarget, q, k, v); error.failure()) return error;
+  if (ffi::Error error = CheckSoftcap(kTarget, softcap); error.failure()) return error;
   const auto q_dims = q.dimensions();
   const int64_t batch = q_dims[0], seqlen_q = q_dims[1], num_heads = q_dims[2], head_dim = q_dims[3];
   const int64_t seqlen_k = k.dimensions()[1];
@@ -56,7 +57,7 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
               "[batch, num_heads, ceil(seqlen_q / " + std::to_string(kDqSemaphoreRowsPerCounter) + ")]");
 
   FlashBwdParams params{};
-  params.fwd = QkvParams(q, k, v, softmax_scale, causal, window_left, window_right);
+  params.fwd = QkvParams(q, k, v, softmax_scale, softcap, causal, window_left, window_right);
   if (ffi::Error error = SetTokenRanges(kTarget, token_ranges, true, params.fwd); error.failure()) return error;
   params.fwd.lse = const_cast<float*>(lse.typed_data());  // read only by the backward
   params.dout = dout.untyped_data();
@@ -99,6 +100,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBwd, jax_flash::FlashBwdImpl,
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // dq_accum [b, h, ⌈sq⌉128, d]
                                   .Ret<xla::ffi::Buffer<xla::ffi::S32>>()  // dq_semaphore
                                   .Attr<float>("softmax_scale")  // logits = scale * q.k
+                                  .Attr<float>("softcap")        // > 0: logits = c * tanh(logits / c)
                                   .Attr<bool>("causal")          // mask j > i + sk - sq
                                   .Attr<int32_t>("window_left")  // mask j < i + sk - sq - left
                                   .Attr<int32_t>("window_right")  // mask j > i + sk - sq + right

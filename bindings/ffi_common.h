@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <sstream>
 #include <string>
@@ -99,9 +100,9 @@ inline xla::ffi::Error CheckQkv(const std::string& target, const xla::ffi::AnyBu
 // The parameters of dense row-major q, k, v buffers [batch, seqlen, heads, head_dim] (out, if
 // any, shaped as q), checked by CheckQkv.
 // window_left, window_right: flash_attention's window_size (-1: unbounded); causal caps the
-// right bound at 0.
+// right bound at 0. softcap: 0 (off) or > 0.
 inline FlashFwdParams QkvParams(const xla::ffi::AnyBuffer& q, const xla::ffi::AnyBuffer& k,
-                                const xla::ffi::AnyBuffer& v, float softmax_scale, bool causal,
+                                const xla::ffi::AnyBuffer& v, float softmax_scale, float softcap, bool causal,
                                 int32_t window_left, int32_t window_right) {
   const auto q_dims = q.dimensions();
   const auto k_dims = k.dimensions();
@@ -124,6 +125,7 @@ inline FlashFwdParams QkvParams(const xla::ffi::AnyBuffer& q, const xla::ffi::An
   params.num_heads_k = static_cast<int>(num_heads_k);
   params.head_dim = static_cast<int>(head_dim);
   params.softmax_scale = softmax_scale;
+  params.softcap = softcap;
   params.window_left = window_left < 0 ? -1 : window_left;
   params.window_right = window_right < 0 ? (causal ? 0 : -1) : (causal ? std::min(window_right, 0) : window_right);
   params.dtype = q.element_type() == xla::ffi::F16 ? DType::kFloat16 : DType::kBFloat16;
@@ -159,6 +161,13 @@ inline xla::ffi::Error SetTokenRanges(const std::string& target, const xla::ffi:
     if (ffi::Error e = get(index++, {batch, seqlen_k, 2}, "key_ranges", params.key_ranges); e.failure()) return e;
   }
   return get(index, {batch, seqlen_k}, "kv_segment_ids", params.kv_segment_ids);
+}
+
+// softcap must be 0 (off) or positive and finite: the kernels divide by it.
+inline xla::ffi::Error CheckSoftcap(const std::string& target, float softcap) {
+  if (softcap >= 0.f && std::isfinite(softcap)) return xla::ffi::Error::Success();
+  return xla::ffi::Error::InvalidArgument(target + ": softcap = " + std::to_string(softcap) +
+                                          ": expected 0 (off) or a finite positive value");
 }
 
 // InvalidArgument for parameters the kernels reject, Internal for any other CUDA failure.

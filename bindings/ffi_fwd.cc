@@ -20,11 +20,12 @@ constexpr const char* kTarget = "jax_flash_fwd";
 
 ffi::Error FlashFwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::RemainingArgs token_ranges, ffi::Result<ffi::AnyBuffer> out_result,
-                        ffi::ResultBuffer<ffi::F32> lse_result, float softmax_scale, bool causal,
-                        int32_t window_left, int32_t window_right) {
+                        ffi::ResultBuffer<ffi::F32> lse_result, float softmax_scale, float softcap,
+                        bool causal, int32_t window_left, int32_t window_right) {
   const ffi::AnyBuffer out = *out_result;
   const ffi::Buffer<ffi::F32> lse = *lse_result;
   if (ffi::Error error = CheckQkv(kTarget, q, k, v); error.failure()) return error;
+  if (ffi::Error error = CheckSoftcap(kTarget, softcap); error.failure()) return error;
   const auto q_dims = q.dimensions();
   FLASH_CHECK(kTarget, out.element_type() == q.element_type(), out, "the dtype of q");
   FLASH_CHECK(kTarget, std::equal(q_dims.begin(), q_dims.end(), out.dimensions().begin(), out.dimensions().end()),
@@ -34,7 +35,7 @@ ffi::Error FlashFwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                            lse_dims[2] == q_dims[1],
               lse, "[batch, num_heads, seqlen_q] of q: " + Describe("q", q));
 
-  FlashFwdParams params = QkvParams(q, k, v, softmax_scale, causal, window_left, window_right);
+  FlashFwdParams params = QkvParams(q, k, v, softmax_scale, softcap, causal, window_left, window_right);
   if (ffi::Error error = SetTokenRanges(kTarget, token_ranges, false, params); error.failure()) return error;
   params.out = out.untyped_data();
   params.lse = lse.typed_data();
@@ -56,6 +57,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashFwd, jax_flash::FlashFwdImpl,
                                   .Ret<xla::ffi::AnyBuffer>()  // out [b, sq, h, d], dtype of q
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // lse [b, h, sq]
                                   .Attr<float>("softmax_scale")  // logits = scale * q.k
+                                  .Attr<float>("softcap")        // > 0: logits = c * tanh(logits / c)
                                   .Attr<bool>("causal")          // mask j > i + sk - sq
                                   .Attr<int32_t>("window_left")  // mask j < i + sk - sq - left
                                   .Attr<int32_t>("window_right"));  // mask j > i + sk - sq + right

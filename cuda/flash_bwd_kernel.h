@@ -12,6 +12,7 @@
 #include "block_gemm.h"
 #include "dq_accumulate.h"
 #include "flash_params.h"
+#include "online_softmax.h"
 #include "register_layouts.h"
 #include "tile_copy.h"
 #include "token_ranges.h"
@@ -147,7 +148,7 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
   // (row, col) in the tile of every S/dP and dQ element this thread holds, as rows × cols.
   Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   Tensor coords_s = make_tensor(tScS.data(), acc_rowcol_layout(tScS.layout()));
-  const float scale_log2 = p.softmax_scale * float(M_LOG2E);
+  const float scale_log2 = p.logit_scale * float(M_LOG2E);
 
   // ---- Prologue: K and V once, the first query tile ----
   Tensor tKsK = gmem_thr_copy.partition_D(sK);
@@ -228,15 +229,33 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
     gemm_smem_smem(acc_dp, tdPrdO, tdPrV, ldsm_a_sdp.get_thread_slice(thread_idx).partition_S(sdO), tdPsV, mma_sdp,
                    ldsm_a_sdp, ldsm_b_sdp, thread_idx);
 
-    // P = exp(scale·s − lse); dS = P ∘ (dP − delta).
+    // P = exp(scale·s − lse); dS = P ∘ (dP − delta), the gradient of the logits scale·s, which
+    // dq and dk then scale by softmax_scale. With soft-capping (see softcap_scores) the logits
+    // are softcap·t: P = exp(softcap·t − lse), and dS also carries the cap's derivative 1 − t².
+    // The cap comes here, after the masks (in the forward, before them), a masked -inf kept as
+    // it is: t = tanh(scale·s / softcap) formed next to its use holds no registers across the dP
+    // product (capping the whole tile before the masks made ptxas spill 20 more bytes).
     Tensor dp = acc_rowcol(acc_dp);
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
+    auto form_p_ds = [&](auto capped) {
       CUTE_UNROLL
-      for (int c = 0; c < size<1>(scores); ++c) {
-        scores(r, c) = exp2f(scores(r, c) * scale_log2 - row_lse_log2[r]);
-        dp(r, c) = scores(r, c) * (dp(r, c) - row_delta[r]);
+      for (int r = 0; r < kRows; ++r) {
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(scores); ++c) {
+          float s = scores(r, c);
+          if constexpr (decltype(capped)::value) {
+            if (s != -INFINITY) s = tanh_from_2y_log2e(s * p.softcap_exp2_scale);
+          }
+          scores(r, c) = exp2f(s * scale_log2 - row_lse_log2[r]);
+          dp(r, c) = scores(r, c) * (dp(r, c) - row_delta[r]);
+          // A masked t is -inf: the clamp makes its factor 0, not -inf (P = 0 there; 0·-inf = NaN).
+          if constexpr (decltype(capped)::value) dp(r, c) *= fmaxf(1.f - s * s, 0.f);
+        }
       }
+    };
+    if (p.softcap > 0.f) {
+      form_p_ds(true_type{});
+    } else {
+      form_p_ds(false_type{});
     }
     copy(store_pds, thr_store_pds.retile_S(convert_fragment<Element>(acc_s)), tPsP);
     copy(store_pds, thr_store_pds.retile_S(convert_fragment<Element>(acc_dp)), tdSsdS);

@@ -20,7 +20,9 @@ namespace jax_flash {
 
 using namespace cute;
 
-template <typename Traits>
+// kSoftcap: soft-capping compiled in (a kernel of its own: a runtime branch in the tile made ptxas
+// schedule the plain kernel worse, 24% slower at d128 on an H200).
+template <typename Traits, bool kSoftcap>
 __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __grid_constant__ FlashFwdParams params) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -128,7 +130,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
 
   Tensor acc_o_rc = acc_rowcol(acc_o);  // (rows, kHeadDim cols)
   OnlineSoftmax<decltype(size<0>(acc_o_rc))::value> softmax;
-  const float scale_log2 = params.softmax_scale * float(M_LOG2E);
+  const float scale_log2 = params.logit_scale * float(M_LOG2E);
 
   // ---- Prologue: Q and the last visible K tile in flight ----
   int n_block = n_block_end - 1;
@@ -148,6 +150,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
 
     gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, thread_idx);
     Tensor scores = acc_rowcol(acc_s);  // (rows, kBlockN cols)
+    // The cap goes before the masks, which then write -inf over the capped scores.
+    if constexpr (kSoftcap) softcap_scores(scores, params.softcap_exp2_scale);
     if constexpr (decltype(needs_mask)::value) {
       mask.apply(scores, score_coords, m_block, n_block);
       if (ranges.enabled()) {
@@ -176,7 +180,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   }
 
   // ---- Epilogue: normalize, stage O through shared memory (Q's, now unused), store ----
-  Tensor lse = softmax.finalize(acc_o_rc, params.softmax_scale);
+  Tensor lse = softmax.finalize(acc_o_rc, params.logit_scale);
   if (get<1>(score_coords(0, 0)) == 0) {  // one thread of each quad writes its rows' lse
     CUTE_UNROLL
     for (int r = 0; r < size(lse); ++r) {

@@ -11,11 +11,11 @@
 
 namespace jax_flash {
 
-template <int kHeadDim, typename Element>
-cudaError_t run_flash_fwd_hdim(const FlashFwdParams& params, cudaStream_t stream) {
+template <int kHeadDim, typename Element, bool kSoftcap>
+cudaError_t launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
   using Tile = FwdTileSize<kHeadDim>;
   using Traits = FwdKernelTraits<kHeadDim, Tile::kBlockM, Tile::kBlockN, Tile::kNWarps, Element>;
-  auto kernel = &flash_fwd_kernel<Traits>;
+  auto kernel = &flash_fwd_kernel<Traits, kSoftcap>;
   constexpr int kSmemBytes = Traits::kSmemBytes;
   if constexpr (kSmemBytes > 48 * 1024) {
     const cudaError_t status =
@@ -25,6 +25,12 @@ cudaError_t run_flash_fwd_hdim(const FlashFwdParams& params, cudaStream_t stream
   const dim3 grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, params.num_heads, params.batch);
   kernel<<<grid, Traits::kNThreads, kSmemBytes, stream>>>(params);
   return cudaGetLastError();
+}
+
+template <int kHeadDim, typename Element>
+cudaError_t run_flash_fwd_hdim(const FlashFwdParams& params, cudaStream_t stream) {
+  return params.softcap > 0.f ? launch_flash_fwd<kHeadDim, Element, true>(params, stream)
+                              : launch_flash_fwd<kHeadDim, Element, false>(params, stream);
 }
 
 }  // namespace jax_flash

@@ -1,6 +1,7 @@
 // Dispatch of the forward and backward passes: checks what the kernels assume, splits batches
 // beyond the grid limit, then picks the instantiation for the element type and head dim. Only
 // head dims compiled into this build exist.
+#include <cfloat>
 #include <type_traits>
 
 #include <cutlass/numeric_types.h>
@@ -45,16 +46,22 @@ cudaError_t for_dtype_and_head_dim(DType dtype, int head_dim, Run&& run) {
 
 constexpr int kMaxGridDim = 65535;  // grid y holds the heads, grid z the batch
 constexpr int64_t kElementBytes = 2;  // float16 and bfloat16
+constexpr float kLog2e = 1.4426950408889634f;
 
 bool params_are_valid(const FlashFwdParams& p) {
   return p.batch >= 1 && p.num_heads >= 1 && p.num_heads <= kMaxGridDim &&
          p.num_heads_k >= 1 && p.num_heads % p.num_heads_k == 0 && p.seqlen_q >= 1 && p.seqlen_k >= 1 &&
-         p.q && p.k && p.v && p.lse && (!p.row_ranges || p.kv_segment_ids);
+         p.softcap >= 0.f && p.softcap <= FLT_MAX && p.q && p.k && p.v && p.lse &&
+         (!p.row_ranges || p.kv_segment_ids);
 }
 
-// The forward parameters of batch entries [first, first + count).
+// The forward parameters of batch entries [first, first + count), with the scales derived from
+// softmax_scale and softcap.
 FlashFwdParams fwd_batch_slice(const FlashFwdParams& params, int64_t first, int count) {
   FlashFwdParams slice = params;
+  const bool capped = params.softcap > 0.f;
+  slice.logit_scale = capped ? params.softcap : params.softmax_scale;
+  slice.softcap_exp2_scale = capped ? 2.f * kLog2e * params.softmax_scale / params.softcap : 0.f;
   slice.batch = count;
   slice.q = static_cast<const char*>(params.q) + first * params.q_batch_stride * kElementBytes;
   slice.k = static_cast<const char*>(params.k) + first * params.k_batch_stride * kElementBytes;

@@ -30,6 +30,19 @@ struct FlashFwdParams {
   int head_dim;     // one of kSupportedHeadDims; callers pad other sizes
 
   float softmax_scale;
+  // Soft-capping (Gemma 2): > 0 turns the scaled scores s into softcap · tanh(s / softcap) before
+  // the masks; 0 leaves them.
+  float softcap;
+  // Derived from softmax_scale and softcap by run_flash_fwd and run_flash_bwd (callers leave
+  // them), so that the kernels read them from the constant bank: computed in the kernels, they
+  // were hoisted out of the main loops into registers, and ptxas spilled 16 more bytes in the
+  // forward and 20 in the backward.
+  // logit_scale turns the score registers into logits: softmax_scale, or softcap when capping
+  // (the registers then hold t = tanh(softmax_scale·s / softcap); see softcap_scores).
+  float logit_scale;
+  // 2·log2(e)·softmax_scale / softcap (0 without softcap): t is tanh_from_2y_log2e of a raw score
+  // times this.
+  float softcap_exp2_scale;
   // The band of visible keys, aligned to the bottom-right corner: key j is visible to query i iff
   // i + seqlen_k - seqlen_q - window_left <= j <= i + seqlen_k - seqlen_q + window_right, each
   // bound dropped when its value is negative (causal: window_right = 0).

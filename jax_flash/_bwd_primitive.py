@@ -20,7 +20,8 @@ blockwise XLA backward. The FFI contract of the kernel:
            head (XLA sums each group of hk's to [b, sk, hk, d]); the kernel's workspaces
            dq_accum float32 [b, h, sq rounded up to a multiple of 128, d] and
            dq_semaphore int32 [b, h, ceil(sq / 16)]
-  attrs    softmax_scale (f32), causal (bool), deterministic (bool)
+  attrs    softmax_scale (f32), softcap (f32, 0: off), causal (bool), window_left and
+           window_right (i32, -1: unbounded), deterministic (bool)
 """
 
 import functools
@@ -118,7 +119,7 @@ def _kernel_backward(q, k, v, out, lse, dout, dlse, *extras, config: FlashConfig
     mask_attributes, mask_operands = kernel_mask_arguments(config, extras, backward=True)
     dq, dk, dv, _, _ = jax.ffi.ffi_call(_extension.BWD_TARGET, result_types)(
         q, k, v, dout, lse, delta, *mask_operands,
-        softmax_scale=np.float32(config.softmax_scale),
+        softmax_scale=np.float32(config.softmax_scale), softcap=np.float32(config.softcap),
         deterministic=bool(config.deterministic), **mask_attributes)
     dq = dq[..., :head_dim]
     dk, dv = (_sum_groups(x[..., :head_dim], kv_heads) for x in (dk, dv))

@@ -7,13 +7,15 @@ on every other platform) to the blockwise XLA implementation. The FFI contract o
   operands q [b, sq, h, d], k [b, sk, hk, d], v [b, sk, hk, d] (hk divides h), all float16 or
            all bfloat16, d one of the compiled head dims
   results  out [b, sq, h, d] (q's dtype), lse [b, h, sq] float32
-  attrs    softmax_scale (f32), causal (bool)
+  attrs    softmax_scale (f32), softcap (f32, 0: off), causal (bool), window_left and
+           window_right (i32, -1: unbounded)
 
 The primitive's operands are q, k, v followed by the feature operands its config uses, in this
 fixed order (FlashConfig.extra_operand_names): alibi_slopes float32 [b, h], mask bool and bias
 float, each 4-D broadcastable to [b, h, sq, sk], q_segment_ids and q_positions int32 [b, sq],
-kv_segment_ids and kv_positions int32 [b, sk], dropout_seed uint32 [b, 2]. Calls with any of
-these, or with window_size, softcap or dropout, take the XLA path until the kernel gains them.
+kv_segment_ids and kv_positions int32 [b, sk], dropout_seed uint32 [b, 2]. The kernel runs
+window_size, softcap (pending a GPU run), segment ids and positions (as per-token ranges, see
+_kernel_choice); calls with ALiBi, mask, bias or dropout take the XLA path until it gains them.
 """
 
 import functools
@@ -76,7 +78,7 @@ def _kernel_forward(q, k, v, *extras, config: FlashConfig, kernel_head_dim: int)
     mask_attributes, mask_operands = kernel_mask_arguments(config, extras, backward=False)
     out, lse = jax.ffi.ffi_call(_extension.FWD_TARGET, (out_type, lse_type))(
         q, k, v, *mask_operands, softmax_scale=np.float32(config.softmax_scale),
-        **mask_attributes)
+        softcap=np.float32(config.softcap), **mask_attributes)
     return out[..., :head_dim], lse
 
 

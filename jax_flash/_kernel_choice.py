@@ -2,10 +2,10 @@
 backward primitives: the implementation asked for, the features, the dtype, this build, the GPU,
 the head dim.
 
-The kernels run plain and causal attention, grouped-query attention, sliding windows, segment
-ids and flash_attention_varlen (and sinks, which flash_attention applies around them). Every
-other feature takes the XLA path until the kernels gain it; implementation="cuda" then raises,
-naming the features.
+The kernels run plain and causal attention, grouped-query attention, sliding windows, softcap,
+segment ids and flash_attention_varlen (and
+sinks, which flash_attention applies around them). Every other feature takes the XLA path until
+the kernels gain it; implementation="cuda" then raises, naming the features.
 """
 
 import functools
@@ -53,7 +53,7 @@ def _why_kernel_cannot_run(head_dim: int) -> str | None:
 
 
 # FlashConfig.features() that the kernels run.
-KERNEL_FEATURES = ("window_size", "segment_ids", "flash_attention_varlen")
+KERNEL_FEATURES = ("window_size", "softcap", "segment_ids", "flash_attention_varlen")
 
 
 def _missing_features(config: FlashConfig) -> tuple[str, ...]:

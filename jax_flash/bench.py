@@ -4,6 +4,7 @@ timed in the same run.
     python -m jax_flash.bench [--out bench_results.json] [--passes fwd,fwd_bwd]
         [--head-dims 64,128,256] [--seqlens ...] [--impls flash,cudnn,xla]
         [--causal both|true|false] [--dtype bf16] [--kv-group G] [--window W] [--segments N]
+        [--softcap C]
         [--quick] [--max-seconds S] [--no-charts]
     python -m jax_flash.bench --charts-from bench_results.json   # redraw the charts only
     python -m jax_flash.bench --ring [--devices N]   # ring attention over the visible devices
@@ -19,7 +20,9 @@ cannot run a pass (no gradient yet, out of memory) gets a row with status "error
 TFLOP/s = FLOPs / time. Forward FLOPs = 4·batch·heads·seqlen²·head_dim; the backward counts 2.5×
 that and fwd_bwd 3.5×, as FlashAttention reports; all halved for causal. With --window, the
 seqlen² is replaced by the number of (query, key) pairs the window (and causal) leave visible.
---kv-group G gives k and v heads / G heads (grouped-query attention).
+--kv-group G gives k and v heads / G heads (grouped-query attention). --softcap C caps the
+scores at C·tanh(s / C) (Gemma 2); jax.nn.dot_product_attention has no softcap, so cuDNN and XLA
+skip those rows.
 
 --segments N (packed sequences) replaces each configuration of seqlen S by two: "packed", the same
 batch and seqlen with q_segment_ids cutting every row into N documents of S / N tokens, its FLOPs
@@ -105,6 +108,7 @@ class Shape:
     kv_group: int = 1
     window: int = -1
     segments: int = 1  # > 1: q_segment_ids cut every row into this many equal documents
+    softcap: float = 0.0  # > 0: scores capped at softcap·tanh(s / softcap)
 
     @property
     def num_kv_heads(self) -> int:
@@ -149,7 +153,7 @@ def build_grid(args, backend: str) -> list[tuple[Shape, ...]]:
     """The configurations, in groups timed and printed together: (shape,), or with --segments N
     (packed, dense equivalent)."""
     causal_modes = CAUSAL_MODES[args.causal]
-    options = dict(kv_group=args.kv_group, window=args.window)
+    options = dict(kv_group=args.kv_group, window=args.window, softcap=args.softcap)
     if backend == "gpu":
         head_dims = args.head_dims or PAPER_HEAD_DIMS
         seqlens = args.seqlens or (QUICK_SEQLENS if args.quick else PAPER_SEQLENS)
@@ -161,6 +165,8 @@ def build_grid(args, backend: str) -> list[tuple[Shape, ...]]:
         if shape.num_heads % shape.kv_group:
             raise SystemExit(f"--kv-group {shape.kv_group} does not divide the "
                              f"{shape.num_heads} heads of head dim {shape.head_dim}")
+    if args.softcap < 0:
+        raise SystemExit(f"--softcap must be positive (or 0: off), not {args.softcap}")
     if args.segments < 1:
         raise SystemExit(f"--segments must be 1 (off) or more, not {args.segments}")
     if args.segments == 1:
@@ -218,7 +224,7 @@ def attention_fn(impl: str, shape: Shape, softmax_scale: float, backend: str):
         path = "cuda" if impl == "flash" and backend == "gpu" else "xla"
         fn = functools.partial(jax_flash.flash_attention, causal=shape.causal,
                                softmax_scale=softmax_scale, implementation=path,
-                               window_size=shape.window_size)
+                               window_size=shape.window_size, softcap=shape.softcap)
         if shape.segments > 1:
             return (lambda q, k, v, ids: fn(q, k, v, q_segment_ids=ids)), path
         return fn, path
@@ -253,6 +259,8 @@ def skip_reason(impl: str, shape: Shape, backend: str, xla_max_seqlen: int,
     if impl in ("cudnn", "xla") and shape.segments > 1:
         # A [b, 1, s, s] mask would stand in for them, but that is no longer the fused kernel.
         return "jax.nn.dot_product_attention takes no segment ids"
+    if impl in ("cudnn", "xla") and shape.softcap:
+        return "jax.nn.dot_product_attention takes no softcap"
     if impl == "cudnn" and backend != "gpu":
         return "cuDNN needs an NVIDIA GPU"
     if impl == "xla" and shape.seqlen > xla_max_seqlen:
@@ -320,13 +328,14 @@ def error_slice(x: jax.Array, axis: str, kv_group: int) -> jax.Array:
     return x[:ERROR_BATCH, :, :heads]
 
 
-_STATIC = ("causal", "softmax_scale", "window_size")
+_STATIC = ("causal", "softmax_scale", "window_size", "softcap")
 
 
-def _reference_fwd(q, k, v, dout, *, causal, softmax_scale, window_size, mask=None,
+def _reference_fwd(q, k, v, dout, *, causal, softmax_scale, window_size, softcap, mask=None,
                    q_segment_ids=None, kv_segment_ids=None):
     out, _ = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                 window_size=window_size, mask=mask, q_segment_ids=q_segment_ids,
+                                 window_size=window_size, softcap=softcap, mask=mask,
+                                 q_segment_ids=q_segment_ids,
                                  kv_segment_ids=kv_segment_ids)
     return (out,)
 
@@ -345,7 +354,7 @@ _REFERENCES = {
 
 
 def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale: float,
-                      window_size: tuple[int, int] = (-1, -1),
+                      window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                       q_segment_ids=None) -> list[np.ndarray]:
     """The float32 oracle's (out,) or (dq, dk, dv), computed on the host CPU (apart from the device
     under test, and with no autotuning per shape), REFERENCE_CHUNK query rows at a time to bound
@@ -371,7 +380,7 @@ def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale:
                                                     kv_segment_ids=q_segment_ids[:, :keys])
         parts = oracle(q[:, start:stop], k[:, :keys], v[:, :keys], dout[:, start:stop],
                        causal=causal, softmax_scale=softmax_scale, window_size=(-1, -1),
-                       mask=_window_mask(window_size, start, stop, keys), **ids)
+                       softcap=softcap, mask=_window_mask(window_size, start, stop, keys), **ids)
         for axis, total, part in zip(axes, totals, parts):
             if axis == "q":
                 total[:, start:stop] = part
@@ -427,6 +436,7 @@ def bench_shape(shape: Shape, impls, passes, settings: TimingSettings, backend: 
             reference = reference_outputs(pass_, *sliced, causal=shape.causal,
                                           softmax_scale=softmax_scale,
                                           window_size=shape.window_size,
+                                          softcap=shape.softcap,
                                           q_segment_ids=None if ids is None else
                                           ids[:ERROR_BATCH])
         for impl in impls:
@@ -560,6 +570,8 @@ def parse_args(argv) -> argparse.Namespace:
                         help="packed sequences: time each seqlen S as N documents of S / N "
                              "tokens per row (segment ids) next to its dense equivalent, batch·N "
                              "rows of S / N; 'vs dense' compares the two (default 1: off)")
+    parser.add_argument("--softcap", type=float, default=0.0, metavar="C",
+                        help="cap the scores at C·tanh(s / C) (default 0: off)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer seqlens and shorter timing, for a first look")
     parser.add_argument("--xla-max-seqlen", type=int, default=DEFAULT_XLA_MAX_SEQLEN,

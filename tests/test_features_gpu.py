@@ -1,6 +1,8 @@
-"""Every feature on a GPU, where it takes the XLA path (implementation=None) until the kernels
-gain it: forward and gradients of half-precision inputs against the float32 oracle, held to
-"no worse than twice the same dense computation in the inputs' dtype"; GPU only."""
+"""Every feature on a GPU with implementation=None, which takes the XLA path until the kernels
+gain the feature (window, window_left and softcap already run on the kernels, which
+test_kernel_masks_gpu tests more thoroughly): forward and gradients of half-precision inputs
+against the float32 oracle, held to "no worse than twice the same dense computation in the
+inputs' dtype"; GPU only."""
 
 import functools
 

@@ -1,4 +1,4 @@
-"""Sliding windows, segment ids and flash_attention_varlen in the CUDA kernels
+"""Sliding windows, softcap, segment ids and flash_attention_varlen in the CUDA kernels
 (implementation="cuda"), forward (out, lse) and gradients (dq, dk, dv), against the float32
 oracle given the same options; GPU only.
 
@@ -49,18 +49,21 @@ def _inputs(seed, batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype):
 
 # --- The kernels and the oracle ---------------------------------------------------------------
 
-def _flash(q, k, v, q_ids, kv_ids, *, causal, window_size, deterministic):
+def _flash(q, k, v, q_ids, kv_ids, *, causal, window_size, softcap, deterministic):
     """(out, lse) of the kernels."""
     return jax_flash.flash_attention(
-        q, k, v, causal=causal, window_size=window_size, deterministic=deterministic,
-        q_segment_ids=q_ids, kv_segment_ids=kv_ids, return_lse=True, implementation="cuda")
+        q, k, v, causal=causal, window_size=window_size, softcap=softcap,
+        deterministic=deterministic, q_segment_ids=q_ids, kv_segment_ids=kv_ids, return_lse=True,
+        implementation="cuda")
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "window_size", "deterministic"))
-def _flash_grads(q, k, v, dout, dlse, q_ids, kv_ids, *, causal, window_size, deterministic):
+@functools.partial(jax.jit, static_argnames=("causal", "window_size", "softcap", "deterministic"))
+def _flash_grads(q, k, v, dout, dlse, q_ids, kv_ids, *, causal, window_size, softcap,
+                 deterministic):
     """(dq, dk, dv) of the kernels (their forward inside), for cotangents dout and dlse."""
     attention = functools.partial(_flash, q_ids=q_ids, kv_ids=kv_ids, causal=causal,
-                                  window_size=window_size, deterministic=deterministic)
+                                  window_size=window_size, softcap=softcap,
+                                  deterministic=deterministic)
     _, vjp = jax.vjp(attention, q, k, v)
     return vjp((dout, dlse))
 
@@ -84,15 +87,15 @@ def _bound(fn, **options):
     return functools.partial(fn, **options)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "window_size", "compute_dtype"))
-def _reference(q, k, v, dout, dlse, q_ids, kv_ids, mask=None, *, causal, window_size,
+@functools.partial(jax.jit, static_argnames=("causal", "window_size", "softcap", "compute_dtype"))
+def _reference(q, k, v, dout, dlse, q_ids, kv_ids, mask=None, *, causal, window_size, softcap,
                compute_dtype):
     """(out, lse, dq, dk, dv, dlse) of dense attention_reference in compute_dtype; dlse is the
     given one with 0 on rows that see no key (lse's derivative is NaN there)."""
     def attention(q, k, v):
         return jax_flash.attention_reference(
-            q, k, v, causal=causal, window_size=window_size, q_segment_ids=q_ids,
-            kv_segment_ids=kv_ids, mask=mask, compute_dtype=compute_dtype)
+            q, k, v, causal=causal, window_size=window_size, softcap=softcap,
+            q_segment_ids=q_ids, kv_segment_ids=kv_ids, mask=mask, compute_dtype=compute_dtype)
 
     (out, lse), vjp = jax.vjp(attention, *(x.astype(compute_dtype) for x in (q, k, v)))
     dlse = jnp.where(jnp.isneginf(lse), 0, dlse)
@@ -141,7 +144,7 @@ def _assert_within_rule(flash, oracle, dense, dtype):
 
 
 def _check(seed, q, k, v, q_ids=None, kv_ids=None, *, causal, window_size=(-1, -1),
-           deterministic=False, must_differ_from=None):
+           softcap=0.0, deterministic=False, must_differ_from=None):
     """Runs the kernels (forward, then gradients) on poisoned memory and holds them to the oracle
     given the same options; returns the kernels' results.
 
@@ -152,7 +155,7 @@ def _check(seed, q, k, v, q_ids=None, kv_ids=None, *, causal, window_size=(-1, -
     dout = random_normal(seed + 1, q.shape, q.dtype)
     dlse = random_normal(seed + 2, (batch, heads, seqlen_q), jnp.float32)
     on_cpu = jax.device_put((q, k, v, dout, dlse, q_ids, kv_ids), _cpu())
-    options = dict(causal=causal, window_size=window_size)
+    options = dict(causal=causal, window_size=window_size, softcap=softcap)
     *oracle, dlse = _reference(*on_cpu, **options, compute_dtype=jnp.float32)
     *dense, _ = _reference(*on_cpu, **options, compute_dtype=q.dtype)
     dlse = jax.device_put(dlse, q.devices().pop())  # the oracle's: 0 on rows that see no key
@@ -219,6 +222,45 @@ def test_window_deterministic(seed, window_size, causal, seqlen_q, seqlen_k, hea
     _check(seed, q, k, v, causal=causal, window_size=window_size, deterministic=True)
 
 
+# --- Softcap ----------------------------------------------------------------------------------
+
+# (softcap, causal, window_size, seqlen_q, seqlen_k, head_dim, dtype, heads, kv_heads,
+# deterministic). q is scaled by 8 in every case (exact in both dtypes): scaled scores of standard
+# deviation 8, which a cap of 5 bends nearly everywhere and saturates (|tanh| > 0.99) on about a
+# tenth of the keys, and 30 bends only at the largest scores (mostly a test of the softmax's scale
+# switching to softcap). A backward without the cap's derivative misses dq by 10 to 100 times the
+# rule's bound here (checked with the XLA path standing in for the kernels).
+SOFTCAP_CASES = [
+    (5.0, False, (-1, -1), 97, 97, 64, "bf16", 4, 2, False),        # GQA, partial tiles
+    (5.0, True, (-1, -1), 1025, 1025, 128, "fp16", 2, 2, False),
+    (30.0, True, (-1, -1), 1025, 1025, 128, "bf16", 2, 2, False),
+    (5.0, False, (100, 30), 1025, 1025, 64, "fp16", 2, 2, False),   # a band: inner tiles unmasked
+    (30.0, True, (37, -1), 97, 1025, 256, "bf16", 8, 2, False),      # sq < sk, GQA
+    (5.0, False, (-1, -1), 1, 1025, 256, "fp16", 2, 1, False),       # one query, MQA
+    (30.0, False, (-1, -1), 1025, 97, 64, "fp16", 2, 2, False),      # sq > sk
+    (5.0, True, (-1, -1), 1025, 97, 128, "bf16", 2, 2, False),       # rows < 928 see no key
+    (5.0, True, (200, -1), 1025, 1025, 128, "bf16", 2, 2, True),
+]
+
+
+@pytest.mark.parametrize(
+    "softcap,causal,window_size,seqlen_q,seqlen_k,head_dim,dtype,heads,kv_heads,deterministic",
+    SOFTCAP_CASES,
+    ids=[f"cap{c:g}-{'causal' if causal else 'full'}-w{w[0]}_{w[1]}-{sq}x{sk}-d{d}-{t}-h{h}kv{hk}"
+         + ("-det" if det else "") for c, causal, w, sq, sk, d, t, h, hk, det in SOFTCAP_CASES])
+def test_softcap(seed, softcap, causal, window_size, seqlen_q, seqlen_k, head_dim, dtype, heads,
+                 kv_heads, deterministic):
+    """The cap on the scaled scores before the masks: out and lse (of the capped scores), and the
+    gradients through tanh, as the oracle with the same softcap."""
+    require_kernel(head_dim)
+    q, k, v = _inputs(seed, 1, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype)
+    q = q * 8
+    # That the oracle without the cap would fail a kernel that ignored it.
+    differ = {"softcap": 0.0} if softcap == 5.0 and seqlen_q > 1 else None
+    _check(seed, q, k, v, causal=causal, window_size=window_size, softcap=softcap,
+           deterministic=deterministic, must_differ_from=differ)
+
+
 # --- Segment ids ------------------------------------------------------------------------------
 
 def _segment_ids(pattern):
@@ -251,26 +293,29 @@ def _segment_ids(pattern):
     raise ValueError(pattern)
 
 
-# (pattern, causal, window_size, head_dim, dtype, deterministic); cases with the same shapes and
-# options share their compilations.
+# (pattern, causal, window_size, head_dim, dtype, deterministic, softcap); cases with the same
+# shapes and options share their compilations. With softcap, q is scaled by 8 (see
+# SOFTCAP_CASES).
 SEGMENT_CASES = [
-    ("packed", False, (-1, -1), 64, "bf16", False),
-    ("interleaved", False, (-1, -1), 64, "bf16", False),
-    ("packed", True, (-1, -1), 128, "fp16", False),
-    ("padding_inside", True, (-1, -1), 128, "fp16", False),
-    ("packed", True, (50, -1), 64, "bf16", True),
-    ("interleaved", True, (50, -1), 64, "bf16", False),
-    ("cross", True, (-1, -1), 64, "fp16", False),
-    ("cross", False, (50, 10), 128, "bf16", False),
-    ("split", True, (20, -1), 64, "bf16", False),
+    ("packed", False, (-1, -1), 64, "bf16", False, 0.0),
+    ("interleaved", False, (-1, -1), 64, "bf16", False, 0.0),
+    ("packed", True, (-1, -1), 128, "fp16", False, 0.0),
+    ("padding_inside", True, (-1, -1), 128, "fp16", False, 0.0),
+    ("packed", True, (50, -1), 64, "bf16", True, 0.0),
+    ("interleaved", True, (50, -1), 64, "bf16", False, 0.0),
+    ("cross", True, (-1, -1), 64, "fp16", False, 0.0),
+    ("cross", False, (50, 10), 128, "bf16", False, 0.0),
+    ("split", True, (20, -1), 64, "bf16", False, 0.0),
+    ("packed", True, (-1, -1), 128, "fp16", False, 5.0),
+    ("interleaved", False, (50, -1), 64, "bf16", False, 30.0),
 ]
 
 
 @pytest.mark.parametrize(
-    "pattern,causal,window_size,head_dim,dtype,deterministic", SEGMENT_CASES,
+    "pattern,causal,window_size,head_dim,dtype,deterministic,softcap", SEGMENT_CASES,
     ids=[f"{p}-{'causal' if c else 'full'}-w{w[0]}_{w[1]}-d{d}-{t}" + ("-det" if det else "")
-         for p, c, w, d, t, det in SEGMENT_CASES])
-def test_segment_ids(seed, pattern, causal, window_size, head_dim, dtype, deterministic):
+         + (f"-cap{cap:g}" if cap else "") for p, c, w, d, t, det, cap in SEGMENT_CASES])
+def test_segment_ids(seed, pattern, causal, window_size, head_dim, dtype, deterministic, softcap):
     """Two rows of ids with GQA; padded queries give out 0, lse -inf and dq 0, padded keys dk
     and dv 0 (checked by the rule's exact zeros)."""
     require_kernel(head_dim)
@@ -278,10 +323,12 @@ def test_segment_ids(seed, pattern, causal, window_size, head_dim, dtype, determ
     seqlen_q = q_ids.shape[1]
     seqlen_k = seqlen_q if kv_ids is None else kv_ids.shape[1]
     q, k, v = _inputs(seed, 2, seqlen_q, seqlen_k, 4, 2, head_dim, dtype)
+    if softcap:
+        q = q * 8
     differ = ({"q_ids": None, "kv_ids": None} if pattern == "packed" and not causal else None)
     out, lse, dq, _, _ = _check(seed, q, k, v, q_ids, kv_ids, causal=causal,
-                                window_size=window_size, deterministic=deterministic,
-                                must_differ_from=differ)
+                                window_size=window_size, softcap=softcap,
+                                deterministic=deterministic, must_differ_from=differ)
     padding = np.asarray(q_ids) < 0
     assert padding.any() or pattern in ("cross", "split")
     assert np.isneginf(np.asarray(lse).transpose(0, 2, 1)[padding]).all()
@@ -298,18 +345,18 @@ CU_SEQLENS_K = np.array([0, 1, 50, 333, 460, 760, 760])
 MAX_SEQLEN = 300
 
 
-def _flash_varlen(q, k, v, cu_q, cu_k, *, causal, window_size):
+def _flash_varlen(q, k, v, cu_q, cu_k, *, causal, window_size, softcap):
     """(out, lse) of the kernels."""
     return jax_flash.flash_attention_varlen(
         q, k, v, cu_q, cu_k, MAX_SEQLEN, MAX_SEQLEN, causal=causal, window_size=window_size,
-        return_lse=True, implementation="cuda")
+        softcap=softcap, return_lse=True, implementation="cuda")
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "window_size"))
-def _flash_varlen_grads(q, k, v, dout, dlse, cu_q, cu_k, *, causal, window_size):
+@functools.partial(jax.jit, static_argnames=("causal", "window_size", "softcap"))
+def _flash_varlen_grads(q, k, v, dout, dlse, cu_q, cu_k, *, causal, window_size, softcap):
     """(dq, dk, dv) of the kernels (their forward inside), for cotangents dout and dlse."""
     attention = functools.partial(_flash_varlen, cu_q=cu_q, cu_k=cu_k, causal=causal,
-                                  window_size=window_size)
+                                  window_size=window_size, softcap=softcap)
     _, vjp = jax.vjp(attention, q, k, v)
     return vjp((dout, dlse))
 
@@ -328,7 +375,7 @@ def _varlen_empty_rows(causal, window_size):
     return np.concatenate(empty)
 
 
-def _varlen_oracle(q, k, v, dout, dlse, *, causal, window_size, compute_dtype):
+def _varlen_oracle(q, k, v, dout, dlse, *, causal, window_size, softcap, compute_dtype):
     """(out [tq, h, d], lse [h, tq], dq, dk, dv [tk, hk, d]) of dense attention on each sequence
     alone, in compute_dtype; zeros (lse -inf) where a sequence has no keys or no queries.
 
@@ -354,7 +401,8 @@ def _varlen_oracle(q, k, v, dout, dlse, *, causal, window_size, compute_dtype):
     key_valid = np.stack([np.arange(longest_k) >= longest_k - (keys.stop - keys.start)
                           for _, keys in sequences])[:, None, None, :]
     results = _reference(*jax.device_put((*padded, None, None, key_valid), _cpu()),
-                         causal=causal, window_size=window_size, compute_dtype=compute_dtype)
+                         causal=causal, window_size=window_size, softcap=softcap,
+                         compute_dtype=compute_dtype)
     full = [np.zeros(q.shape, np.float32), np.full((q.shape[1], q.shape[0]), -np.inf, np.float32),
             np.zeros(q.shape, np.float32), np.zeros(k.shape, np.float32),
             np.zeros(k.shape, np.float32)]
@@ -368,21 +416,24 @@ def _varlen_oracle(q, k, v, dout, dlse, *, causal, window_size, compute_dtype):
     return full
 
 
-@pytest.mark.parametrize("causal,window_size,head_dim,dtype", [
-    (True, (-1, -1), 128, "bf16"),
-    (False, (30, 5), 64, "fp16"),  # rows 0-127 of the (260, 127) sequence see nothing
+@pytest.mark.parametrize("causal,window_size,head_dim,dtype,softcap", [
+    (True, (-1, -1), 128, "bf16", 0.0),
+    (False, (30, 5), 64, "fp16", 0.0),  # rows 0-127 of the (260, 127) sequence see nothing
+    (True, (-1, -1), 64, "fp16", 5.0),  # q scaled by 8, see SOFTCAP_CASES
 ])
-def test_varlen(seed, causal, window_size, head_dim, dtype):
+def test_varlen(seed, causal, window_size, head_dim, dtype, softcap):
     """Each sequence aligned at its own bottom right, against dense attention on each sequence
     alone; empty sequences of queries and of keys, GQA."""
     require_kernel(head_dim)
     total_q, total_k, heads, kv_heads = CU_SEQLENS_Q[-1], CU_SEQLENS_K[-1], 4, 2
     q, k, v = (x[0] for x in _inputs(seed, 1, total_q, total_k, heads, kv_heads, head_dim,
                                      dtype))
+    if softcap:
+        q = q * 8
     dout = random_normal(seed + 1, q.shape, q.dtype)
     empty_rows = _varlen_empty_rows(causal, window_size)
     dlse = random_normal(seed + 2, (heads, total_q), jnp.float32) * ~empty_rows
-    options = dict(causal=causal, window_size=window_size)
+    options = dict(causal=causal, window_size=window_size, softcap=softcap)
 
     oracle = _varlen_oracle(q, k, v, dout, dlse, **options, compute_dtype=jnp.float32)
     dense = _varlen_oracle(q, k, v, dout, dlse, **options, compute_dtype=q.dtype)

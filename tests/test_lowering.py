@@ -189,6 +189,22 @@ def test_grad_calls_the_backward_kernel(pretend_build, deterministic):
                      r"tensor<1x33x2x64xbf16>, tensor<1x2x128x64xf32>, tensor<1x2x3xi32>\)", call)
 
 
+def test_softcap_calls_the_kernels_with_its_attribute(pretend_build):
+    """softcap runs on the kernels (implementation=None picks them), forward and backward, the cap
+    passed as an attribute; without it the attribute is 0 (off)."""
+    pretend_build(head_dims=(64,))
+    hlo = _lower_grad_for_cuda((1, 9, 2, 64), causal=True, softcap=30.0)
+    (forward,) = _kernel_calls(hlo)
+    (backward,) = _backward_calls(hlo)
+    for call in (forward, backward):
+        assert _float_attribute(call, "softcap") == 30.0
+        assert _float_attribute(call, "softmax_scale") == pytest.approx(64 ** -0.5, rel=1e-6)
+        assert "causal = true" in call
+    hlo = _lower_grad_for_cuda((1, 9, 2, 64))
+    for call in _kernel_calls(hlo) + _backward_calls(hlo):
+        assert _float_attribute(call, "softcap") == 0.0
+
+
 @pytest.mark.parametrize("setup", [dict(kernels=False), dict(capability=(7, 5))])
 def test_grad_falls_back_with_the_forward(pretend_build, setup):
     pretend_build(**setup)

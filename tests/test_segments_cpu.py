@@ -232,8 +232,9 @@ def test_bad_segment_ids(q_ids, kv_ids, error, match):
 
 
 def test_cuda_implementation_names_only_what_the_kernels_lack():
-    """The kernels run segment ids; combined with softcap, only softcap is named."""
+    """The kernels run segment ids; combined with ALiBi, only alibi_slopes is named."""
     q, k, v, _, _ = _inputs(60, 1, 4, 4, 2, 2, 8)
-    with pytest.raises(ValueError, match="cannot run softcap: "):
-        jax_flash.flash_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), softcap=2.0,
-                                  implementation="cuda", q_segment_ids=jnp.zeros((1, 4), int))
+    with pytest.raises(ValueError, match="cannot run alibi_slopes: "):
+        jax_flash.flash_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)),
+                                  alibi_slopes=jnp.ones((2,)), implementation="cuda",
+                                  q_segment_ids=jnp.zeros((1, 4), int))

@@ -154,6 +154,7 @@ def test_bad_packed_shapes():
     with pytest.raises(ValueError, match=r"alibi_slopes \[heads\] = \[4\]"):
         jax_flash.flash_attention_varlen(q, k, v, cu_q, cu_k, 5, 6,
                                          alibi_slopes=jnp.ones((1, HEADS)))
-    with pytest.raises(ValueError, match="cannot run softcap: "):  # the kernels run varlen
+    with pytest.raises(ValueError, match="cannot run alibi_slopes: "):  # the kernels run varlen
         jax_flash.flash_attention_varlen(*(x.astype(jnp.bfloat16) for x in (q, k, v)), cu_q,
-                                         cu_k, 5, 6, softcap=2.0, implementation="cuda")
+                                         cu_k, 5, 6, alibi_slopes=jnp.ones((HEADS,)),
+                                         implementation="cuda")
