@@ -14,8 +14,8 @@ The primitive's operands are q, k, v followed by the feature operands its config
 fixed order (FlashConfig.extra_operand_names): alibi_slopes float32 [b, h], mask bool and bias
 float, each 4-D broadcastable to [b, h, sq, sk], q_segment_ids and q_positions int32 [b, sq],
 kv_segment_ids and kv_positions int32 [b, sk], dropout_seed uint32 [b, 2]. The kernel runs
-window_size, softcap (pending a GPU run), segment ids and positions (as per-token ranges, see
-_kernel_choice); calls with ALiBi, mask, bias or dropout take the XLA path until it gains them.
+window_size, softcap, segment ids and positions (as per-token ranges, see _kernel_choice); calls
+with ALiBi, mask, bias or dropout take the XLA path until it gains them.
 """
 
 import functools

@@ -3,9 +3,9 @@ backward primitives: the implementation asked for, the features, the dtype, this
 the head dim.
 
 The kernels run plain and causal attention, grouped-query attention, sliding windows, softcap,
-segment ids and flash_attention_varlen (and
-sinks, which flash_attention applies around them). Every other feature takes the XLA path until
-the kernels gain it; implementation="cuda" then raises, naming the features.
+segment ids and flash_attention_varlen (and sinks, which flash_attention applies around them).
+Every other feature takes the XLA path until the kernels gain it; implementation="cuda" then
+raises, naming the features.
 """
 
 import functools
