@@ -21,16 +21,18 @@ constexpr const char* kTarget = "jax_flash_bwd";
 
 ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> delta,
-                        ffi::RemainingArgs token_ranges, ffi::Result<ffi::AnyBuffer> dq_result,
+                        ffi::RemainingArgs extras, ffi::Result<ffi::AnyBuffer> dq_result,
                         ffi::Result<ffi::AnyBuffer> dk_result,
                         ffi::Result<ffi::AnyBuffer> dv_result, ffi::ResultBuffer<ffi::F32> dq_accum_result,
-                        ffi::ResultBuffer<ffi::S32> dq_semaphore_result, float softmax_scale, float softcap,
-                        bool causal, int32_t window_left, int32_t window_right, bool deterministic) {
+                        ffi::ResultBuffer<ffi::S32> dq_semaphore_result,
+                        ffi::ResultBuffer<ffi::F32> dalibi_partial_result, float softmax_scale, float softcap,
+                        bool alibi, bool causal, int32_t window_left, int32_t window_right, bool deterministic) {
   const ffi::AnyBuffer dq = *dq_result;
   const ffi::Buffer<ffi::F32> dq_accum = *dq_accum_result;
   const ffi::AnyBuffer dk = *dk_result;
   const ffi::AnyBuffer dv = *dv_result;
   const ffi::Buffer<ffi::S32> dq_semaphore = *dq_semaphore_result;
+  const ffi::Buffer<ffi::F32> dalibi_partial = *dalibi_partial_result;
   if (ffi::Error error = CheckQkv(kTarget, q, k, v); error.failure()) return error;
   if (ffi::Error error = CheckSoftcap(kTarget, softcap); error.failure()) return error;
   const auto q_dims = q.dimensions();
@@ -55,10 +57,18 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   const int64_t counters = (seqlen_q + kDqSemaphoreRowsPerCounter - 1) / kDqSemaphoreRowsPerCounter;
   FLASH_CHECK(kTarget, HasShape(dq_semaphore, {batch, num_heads, counters}), dq_semaphore,
               "[batch, num_heads, ceil(seqlen_q / " + std::to_string(kDqSemaphoreRowsPerCounter) + ")]");
+  FLASH_CHECK(kTarget, HasShape(dalibi_partial, {batch, num_heads, alibi ? alibi_partials(seqlen_k) : 0}),
+              dalibi_partial,
+              "[batch, num_heads, ceil(seqlen_k / " + std::to_string(kAlibiPartialKeys) + ")] with alibi, else "
+              "[batch, num_heads, 0]");
 
   FlashBwdParams params{};
   params.fwd = QkvParams(q, k, v, softmax_scale, softcap, causal, window_left, window_right);
-  if (ffi::Error error = SetTokenRanges(kTarget, token_ranges, true, params.fwd); error.failure()) return error;
+  size_t ranges_begin = 0;
+  if (ffi::Error error = SetAlibiSlopes(kTarget, extras, alibi, params.fwd, ranges_begin); error.failure()) {
+    return error;
+  }
+  if (ffi::Error error = SetTokenRanges(kTarget, extras, ranges_begin, true, params.fwd); error.failure()) return error;
   params.fwd.lse = const_cast<float*>(lse.typed_data());  // read only by the backward
   params.dout = dout.untyped_data();
   params.delta = delta.typed_data();
@@ -70,12 +80,16 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   params.dkv_row_stride = num_heads * head_dim;
   params.dkv_batch_stride = seqlen_k * num_heads * head_dim;
   params.dq_semaphore = deterministic ? dq_semaphore.typed_data() : nullptr;
+  params.dalibi_partial = alibi ? dalibi_partial.typed_data() : nullptr;
 
   const std::string context = std::string(kTarget) + " (" + Describe("q", q) + ", " + Describe("k", k) +
                               ", causal=" + (causal ? "true" : "false") + ")";
   cudaError_t status = cudaMemsetAsync(dq_accum.untyped_data(), 0, dq_accum.size_bytes(), stream);
   if (status == cudaSuccess && deterministic) {
     status = cudaMemsetAsync(dq_semaphore.untyped_data(), 0, dq_semaphore.size_bytes(), stream);
+  }
+  if (status == cudaSuccess && alibi) {
+    status = cudaMemsetAsync(dalibi_partial.untyped_data(), 0, dalibi_partial.size_bytes(), stream);
   }
   if (status == cudaSuccess) status = run_flash_bwd(params, stream);
   return CudaStatusToError(status, context);
@@ -93,14 +107,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBwd, jax_flash::FlashBwdImpl,
                                   .Arg<xla::ffi::AnyBuffer>()  // dout [b, sq, h, d], dtype of q
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // lse [b, h, sq]
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // delta [b, h, sq]
-                                  .RemainingArgs()  // none, or row_ranges, key_ranges, kv_segment_ids
+                                  // alibi_slopes (F32 [b, h]) with alibi, then none, or row_ranges,
+                                  // key_ranges, kv_segment_ids (S32)
+                                  .RemainingArgs()
                                   .Ret<xla::ffi::AnyBuffer>()  // dq [b, sq, h, d], dtype of q
                                   .Ret<xla::ffi::AnyBuffer>()  // dk [b, sk, h, d], dtype of q
                                   .Ret<xla::ffi::AnyBuffer>()  // dv [b, sk, h, d], dtype of q
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // dq_accum [b, h, ⌈sq⌉128, d]
                                   .Ret<xla::ffi::Buffer<xla::ffi::S32>>()  // dq_semaphore
+                                  // dalibi_partial [b, h, ceil(sk / 64)] with alibi, else [b, h, 0]
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Attr<float>("softmax_scale")  // logits = scale * q.k
                                   .Attr<float>("softcap")        // > 0: logits = c * tanh(logits / c)
+                                  .Attr<bool>("alibi")           // logits -= slope * |i + sk - sq - j|
                                   .Attr<bool>("causal")          // mask j > i + sk - sq
                                   .Attr<int32_t>("window_left")  // mask j < i + sk - sq - left
                                   .Attr<int32_t>("window_right")  // mask j > i + sk - sq + right

@@ -132,16 +132,18 @@ inline FlashFwdParams QkvParams(const xla::ffi::AnyBuffer& q, const xla::ffi::An
   return params;
 }
 
-// The packed-sequence operands after the fixed ones: none, or row_ranges [b, sq, 4], then
-// key_ranges [b, sk, 2] when with_key_ranges (the backward), then kv_segment_ids [b, sk], all S32.
+// The packed-sequence operands, from index `first` of the remaining ones: none, or row_ranges
+// [b, sq, 4], then key_ranges [b, sk, 2] when with_key_ranges (the backward), then kv_segment_ids
+// [b, sk], all S32.
 inline xla::ffi::Error SetTokenRanges(const std::string& target, const xla::ffi::RemainingArgs& extras,
-                                      bool with_key_ranges, FlashFwdParams& params) {
+                                      size_t first, bool with_key_ranges, FlashFwdParams& params) {
   namespace ffi = xla::ffi;
-  if (extras.size() == 0) return ffi::Error::Success();
+  const size_t count = extras.size() - first;
+  if (count == 0) return ffi::Error::Success();
   const size_t expected = with_key_ranges ? 3 : 2;
-  if (extras.size() != expected) {
+  if (count != expected) {
     return ffi::Error::InvalidArgument(target + ": expected " + std::to_string(expected) +
-                                       " packed-sequence operands, got " + std::to_string(extras.size()));
+                                       " packed-sequence operands, got " + std::to_string(count));
   }
   const int64_t batch = params.batch, seqlen_q = params.seqlen_q, seqlen_k = params.seqlen_k;
   auto get = [&](size_t index, std::initializer_list<int64_t> shape, const char* name,
@@ -155,12 +157,31 @@ inline xla::ffi::Error SetTokenRanges(const std::string& target, const xla::ffi:
     data = buffer->typed_data();
     return ffi::Error::Success();
   };
-  size_t index = 0;
+  size_t index = first;
   if (ffi::Error e = get(index++, {batch, seqlen_q, 4}, "row_ranges", params.row_ranges); e.failure()) return e;
   if (with_key_ranges) {
     if (ffi::Error e = get(index++, {batch, seqlen_k, 2}, "key_ranges", params.key_ranges); e.failure()) return e;
   }
   return get(index, {batch, seqlen_k}, "kv_segment_ids", params.kv_segment_ids);
+}
+
+// With ALiBi, the first remaining operand: alibi_slopes F32 [batch, num_heads]. rest_begin gets the
+// index of the operands after it (the packed-sequence ones).
+inline xla::ffi::Error SetAlibiSlopes(const std::string& target, const xla::ffi::RemainingArgs& extras, bool alibi,
+                                      FlashFwdParams& params, size_t& rest_begin) {
+  namespace ffi = xla::ffi;
+  rest_begin = 0;
+  if (!alibi) return ffi::Error::Success();
+  auto slopes = extras.get<ffi::Buffer<ffi::F32>>(0);
+  if (slopes.has_error()) return ffi::Error::InvalidArgument(target + ": alibi_slopes: expected F32 operand");
+  const auto dims = slopes->dimensions();
+  if (dims.size() != 2 || dims[0] != params.batch || dims[1] != params.num_heads) {
+    return ffi::Error::InvalidArgument(target + ": " + Describe("alibi_slopes", *slopes) +
+                                       ": expected [batch, num_heads]");
+  }
+  params.alibi_slopes = slopes->typed_data();
+  rest_begin = 1;
+  return ffi::Error::Success();
 }
 
 // softcap must be 0 (off) or positive and finite: the kernels divide by it.

@@ -19,9 +19,9 @@ namespace {
 constexpr const char* kTarget = "jax_flash_fwd";
 
 ffi::Error FlashFwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                        ffi::RemainingArgs token_ranges, ffi::Result<ffi::AnyBuffer> out_result,
+                        ffi::RemainingArgs extras, ffi::Result<ffi::AnyBuffer> out_result,
                         ffi::ResultBuffer<ffi::F32> lse_result, float softmax_scale, float softcap,
-                        bool causal, int32_t window_left, int32_t window_right) {
+                        bool alibi, bool causal, int32_t window_left, int32_t window_right) {
   const ffi::AnyBuffer out = *out_result;
   const ffi::Buffer<ffi::F32> lse = *lse_result;
   if (ffi::Error error = CheckQkv(kTarget, q, k, v); error.failure()) return error;
@@ -36,7 +36,9 @@ ffi::Error FlashFwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
               lse, "[batch, num_heads, seqlen_q] of q: " + Describe("q", q));
 
   FlashFwdParams params = QkvParams(q, k, v, softmax_scale, softcap, causal, window_left, window_right);
-  if (ffi::Error error = SetTokenRanges(kTarget, token_ranges, false, params); error.failure()) return error;
+  size_t ranges_begin = 0;
+  if (ffi::Error error = SetAlibiSlopes(kTarget, extras, alibi, params, ranges_begin); error.failure()) return error;
+  if (ffi::Error error = SetTokenRanges(kTarget, extras, ranges_begin, false, params); error.failure()) return error;
   params.out = out.untyped_data();
   params.lse = lse.typed_data();
   return CudaStatusToError(run_flash_fwd(params, stream),
@@ -53,11 +55,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashFwd, jax_flash::FlashFwdImpl,
                                   .Arg<xla::ffi::AnyBuffer>()  // q [b, sq, h, d] F16 or BF16
                                   .Arg<xla::ffi::AnyBuffer>()  // k [b, sk, hk, d], dtype of q
                                   .Arg<xla::ffi::AnyBuffer>()  // v [b, sk, hk, d], dtype of q
-                                  .RemainingArgs()  // none, or row_ranges, kv_segment_ids (S32)
+                                  // alibi_slopes (F32 [b, h]) with alibi, then none, or row_ranges,
+                                  // kv_segment_ids (S32)
+                                  .RemainingArgs()
                                   .Ret<xla::ffi::AnyBuffer>()  // out [b, sq, h, d], dtype of q
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // lse [b, h, sq]
                                   .Attr<float>("softmax_scale")  // logits = scale * q.k
                                   .Attr<float>("softcap")        // > 0: logits = c * tanh(logits / c)
+                                  .Attr<bool>("alibi")           // logits -= slope * |i + sk - sq - j|
                                   .Attr<bool>("causal")          // mask j > i + sk - sq
                                   .Attr<int32_t>("window_left")  // mask j < i + sk - sq - left
                                   .Attr<int32_t>("window_right"));  // mask j > i + sk - sq + right

@@ -8,6 +8,7 @@
 
 #include <cute/tensor.hpp>
 
+#include "alibi.h"
 #include "attention_mask.h"
 #include "block_gemm.h"
 #include "dq_accumulate.h"
@@ -149,6 +150,7 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
   Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   Tensor coords_s = make_tensor(tScS.data(), acc_rowcol_layout(tScS.layout()));
   const float scale_log2 = p.logit_scale * float(M_LOG2E);
+  const auto dalibi_sums = DalibiWarpSums<Traits::kNWarps>::zeroed();
 
   // ---- Prologue: K and V once, the first query tile ----
   Tensor tKsK = gmem_thr_copy.partition_D(sK);
@@ -232,27 +234,41 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
     // P = exp(scale·s − lse); dS = P ∘ (dP − delta), the gradient of the logits scale·s, which
     // dq and dk then scale by softmax_scale. With soft-capping (see softcap_scores) the logits
     // are softcap·t: P = exp(softcap·t − lse), and dS also carries the cap's derivative 1 − t².
-    // The cap comes here, after the masks (in the forward, before them), a masked -inf kept as
-    // it is: t = tanh(scale·s / softcap) formed next to its use holds no registers across the dP
-    // product (capping the whole tile before the masks made ptxas spill 20 more bytes).
+    // ALiBi adds −slope·distance to the logits (alibi.h), whose slope gradient is Σ dS·(−distance)
+    // with dS before the cap's factor. Both come here, after the masks (in the forward, before
+    // them), a masked -inf kept as it is: t = tanh(scale·s / softcap) formed next to its use holds
+    // no registers across the dP product (capping the whole tile before the masks made ptxas
+    // spill 20 more bytes). The plain form has neither, so that they cost the plain path nothing.
     Tensor dp = acc_rowcol(acc_dp);
-    auto form_p_ds = [&](auto capped) {
+    auto form_p_ds = [&](auto score_mods) {
+      const bool capped = p.softcap > 0.f;
+      const float alibi_slope = decltype(score_mods)::value ? alibi_register_slope(p, batch, head) : 0.f;
+      float dalibi = 0.f;  // this thread's Σ dS·(−distance)
+      const auto distances = alibi_distances(coords_s, m_block * kBlockM - n_block * kBlockN + p.seqlen_k - p.seqlen_q);
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
+        const float row_offset = decltype(score_mods)::value ? distances.row_offset(r) : 0.f;
         CUTE_UNROLL
         for (int c = 0; c < size<1>(scores); ++c) {
           float s = scores(r, c);
-          if constexpr (decltype(capped)::value) {
-            if (s != -INFINITY) s = tanh_from_2y_log2e(s * p.softcap_exp2_scale);
+          float distance = 0.f;
+          if constexpr (decltype(score_mods)::value) {
+            if (capped && s != -INFINITY) s = tanh_from_2y_log2e(s * p.softcap_exp2_scale);
+            distance = distances.distance(row_offset, c);
           }
-          scores(r, c) = exp2f(s * scale_log2 - row_lse_log2[r]);
+          const float x = decltype(score_mods)::value ? s - alibi_slope * distance : s;
+          scores(r, c) = exp2f(x * scale_log2 - row_lse_log2[r]);
           dp(r, c) = scores(r, c) * (dp(r, c) - row_delta[r]);
-          // A masked t is -inf: the clamp makes its factor 0, not -inf (P = 0 there; 0·-inf = NaN).
-          if constexpr (decltype(capped)::value) dp(r, c) *= fmaxf(1.f - s * s, 0.f);
+          if constexpr (decltype(score_mods)::value) {
+            dalibi -= dp(r, c) * distance;
+            // A masked t is -inf: the clamp makes its factor 0, not -inf (P = 0 there; 0·-inf = NaN).
+            if (capped) dp(r, c) *= fmaxf(1.f - s * s, 0.f);
+          }
         }
       }
+      if (decltype(score_mods)::value && p.alibi_slopes != nullptr) dalibi_sums.add(dalibi);
     };
-    if (p.softcap > 0.f) {
+    if (p.softcap > 0.f || p.alibi_slopes != nullptr) {
       form_p_ds(true_type{});
     } else {
       form_p_ds(false_type{});
@@ -343,6 +359,10 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
       dk[offset] = Element(acc_dk(i) * p.softmax_scale);
       dv[offset] = Element(acc_dv(i));
     }
+  }
+  if (p.alibi_slopes != nullptr) {
+    dalibi_sums.write_total(params.dalibi_partial + (int64_t(batch) * p.num_heads + head) * alibi_partials(p.seqlen_k) +
+                            n_block);
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if constexpr (Traits::kBulkDq) dq_staging.wait_done();  // shared memory must outlive the reduction

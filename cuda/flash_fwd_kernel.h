@@ -8,6 +8,7 @@
 
 #include <cute/tensor.hpp>
 
+#include "alibi.h"
 #include "attention_mask.h"
 #include "block_gemm.h"
 #include "flash_params.h"
@@ -20,9 +21,9 @@ namespace jax_flash {
 
 using namespace cute;
 
-// kSoftcap: soft-capping compiled in (a kernel of its own: a runtime branch in the tile made ptxas
-// schedule the plain kernel worse, 24% slower at d128 on an H200).
-template <typename Traits, bool kSoftcap>
+// kScoreMods: soft-capping and ALiBi compiled in (a kernel of its own: a runtime branch in the tile
+// made ptxas schedule the plain kernel worse, 24% slower at d128 on an H200).
+template <typename Traits, bool kScoreMods>
 __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __grid_constant__ FlashFwdParams params) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -131,6 +132,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   Tensor acc_o_rc = acc_rowcol(acc_o);  // (rows, kHeadDim cols)
   OnlineSoftmax<decltype(size<0>(acc_o_rc))::value> softmax;
   const float scale_log2 = params.logit_scale * float(M_LOG2E);
+  const float alibi_slope = kScoreMods ? alibi_register_slope(params, batch, head) : 0.f;
 
   // ---- Prologue: Q and the last visible K tile in flight ----
   int n_block = n_block_end - 1;
@@ -150,8 +152,15 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
 
     gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, thread_idx);
     Tensor scores = acc_rowcol(acc_s);  // (rows, kBlockN cols)
-    // The cap goes before the masks, which then write -inf over the capped scores.
-    if constexpr (kSoftcap) softcap_scores(scores, params.softcap_exp2_scale);
+    // The cap and ALiBi go before the masks, which then write -inf over the scores they hide.
+    // Each is a uniform branch: one off costs the other nothing per score.
+    if constexpr (kScoreMods) {
+      if (params.softcap > 0.f) softcap_scores(scores, params.softcap_exp2_scale);
+      if (alibi_slope != 0.f) {
+        const int diagonal = m_block * kBlockM - n_block * kBlockN + params.seqlen_k - params.seqlen_q;
+        add_alibi(scores, alibi_distances(score_coords, diagonal), alibi_slope);
+      }
+    }
     if constexpr (decltype(needs_mask)::value) {
       mask.apply(scores, score_coords, m_block, n_block);
       if (ranges.enabled()) {

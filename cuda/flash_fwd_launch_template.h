@@ -11,11 +11,11 @@
 
 namespace jax_flash {
 
-template <int kHeadDim, typename Element, bool kSoftcap>
+template <int kHeadDim, typename Element, bool kScoreMods>
 cudaError_t launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
   using Tile = FwdTileSize<kHeadDim>;
   using Traits = FwdKernelTraits<kHeadDim, Tile::kBlockM, Tile::kBlockN, Tile::kNWarps, Element>;
-  auto kernel = &flash_fwd_kernel<Traits, kSoftcap>;
+  auto kernel = &flash_fwd_kernel<Traits, kScoreMods>;
   constexpr int kSmemBytes = Traits::kSmemBytes;
   if constexpr (kSmemBytes > 48 * 1024) {
     const cudaError_t status =
@@ -29,8 +29,9 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) 
 
 template <int kHeadDim, typename Element>
 cudaError_t run_flash_fwd_hdim(const FlashFwdParams& params, cudaStream_t stream) {
-  return params.softcap > 0.f ? launch_flash_fwd<kHeadDim, Element, true>(params, stream)
-                              : launch_flash_fwd<kHeadDim, Element, false>(params, stream);
+  const bool score_mods = params.softcap > 0.f || params.alibi_slopes != nullptr;
+  return score_mods ? launch_flash_fwd<kHeadDim, Element, true>(params, stream)
+                    : launch_flash_fwd<kHeadDim, Element, false>(params, stream);
 }
 
 }  // namespace jax_flash

@@ -71,6 +71,7 @@ FlashFwdParams fwd_batch_slice(const FlashFwdParams& params, int64_t first, int 
   if (params.row_ranges) slice.row_ranges = params.row_ranges + first * params.seqlen_q * 4;
   if (params.key_ranges) slice.key_ranges = params.key_ranges + first * params.seqlen_k * 2;
   if (params.kv_segment_ids) slice.kv_segment_ids = params.kv_segment_ids + first * params.seqlen_k;
+  if (params.alibi_slopes) slice.alibi_slopes = params.alibi_slopes + first * params.num_heads;
   return slice;
 }
 
@@ -108,7 +109,7 @@ cudaError_t run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
 cudaError_t run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
   const FlashFwdParams& p = params.fwd;
   if (!params_are_valid(p) || !params.dout || !params.delta || !params.dq || !params.dq_accum || !params.dk ||
-      !params.dv || (p.row_ranges && !p.key_ranges)) {
+      !params.dv || (p.row_ranges && !p.key_ranges) || (p.alibi_slopes && !params.dalibi_partial)) {
     return cudaErrorInvalidValue;
   }
   const int64_t semaphore_counters = (p.seqlen_q + kDqSemaphoreRowsPerCounter - 1) / kDqSemaphoreRowsPerCounter;
@@ -122,6 +123,9 @@ cudaError_t run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
     slice.dk = static_cast<char*>(params.dk) + first * params.dkv_batch_stride * kElementBytes;
     slice.dv = static_cast<char*>(params.dv) + first * params.dkv_batch_stride * kElementBytes;
     if (params.dq_semaphore) slice.dq_semaphore = params.dq_semaphore + first * p.num_heads * semaphore_counters;
+    if (params.dalibi_partial) {
+      slice.dalibi_partial = params.dalibi_partial + first * p.num_heads * alibi_partials(p.seqlen_k);
+    }
     return for_dtype_and_head_dim(p.dtype, p.head_dim, [&](auto element, auto dim) {
       return run_flash_bwd_hdim<decltype(dim)::value, decltype(element)>(slice, stream);
     });

@@ -50,6 +50,10 @@ struct FlashFwdParams {
   int window_right;
   DType dtype;
 
+  // ALiBi: float32 slopes [batch, num_heads] (contiguous), else nullptr. The logits of query i
+  // and key j get −slope·|i + seqlen_k − seqlen_q − j| (after the cap, before the masks).
+  const float* alibi_slopes;
+
   // Packed sequences (segment ids, varlen), else nullptr. Key j is visible to query i only if
   // lo <= j < hi for row_ranges[b, i] = (lo, hi, exact, segment), and, unless exact, only if
   // kv_segment_ids[b, j] == segment; every query that sees key j lies in key_ranges[b, j] =
@@ -75,7 +79,16 @@ struct FlashBwdParams {
   // counters that make the key tiles add into each query tile's dq_accum in a fixed order.
   // nullptr: atomics in any order.
   int* dq_semaphore;
+  // With ALiBi: [batch, num_heads, ceil(seqlen_k / kAlibiPartialKeys)], zero-filled by the caller,
+  // who sums the last axis into dalibi_slopes: entry n gets key tile n's Σ dS·(−|i + sk − sq − j|)
+  // (dS the gradient of the logits), one write per CTA in a fixed order, so deterministic. Key
+  // tiles wider than kAlibiPartialKeys leave the entries past theirs at 0. nullptr without ALiBi.
+  float* dalibi_partial;
 };
+
+// Keys per dalibi_partial entry: the narrowest backward key tile.
+constexpr int kAlibiPartialKeys = 64;
+constexpr int64_t alibi_partials(int64_t seqlen_k) { return (seqlen_k + kAlibiPartialKeys - 1) / kAlibiPartialKeys; }
 
 // Query rows per dq_semaphore counter: at most the smallest query tile of any backward kernel.
 constexpr int kDqSemaphoreRowsPerCounter = 16;

@@ -59,8 +59,8 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
       return_lse: also return lse, the log-sum-exp of each row of scaled scores.
       implementation: None picks the CUDA kernels where they can run (a CUDA GPU of compute
         capability 8.0 or newer, an install built with the kernels, float16 or bfloat16 inputs,
-        no feature below but grouped-query attention, window_size, softcap, sinks and segment
-        ids) and the XLA path otherwise;
+        no feature below but grouped-query attention, window_size, softcap, alibi_slopes (not
+        with flash_attention_varlen), sinks and segment ids) and the XLA path otherwise;
         "cuda" insists on the kernels and raises where they cannot run, naming the features they
         lack; "xla" takes the pure-JAX blockwise path on every platform. The choice holds for
         the forward and the backward pass alike.

@@ -15,13 +15,15 @@ blockwise XLA backward. The FFI contract of the kernel:
 
   target  "jax_flash_bwd"
   operands q, k, v, dout (all float16 or all bfloat16, d one of the compiled head dims),
-           lse float32 [b, h, sq], delta float32 [b, h, sq] = rowsum(dout ∘ out) − dlse
+           lse float32 [b, h, sq], delta float32 [b, h, sq] = rowsum(dout ∘ out) − dlse; then
+           alibi_slopes float32 [b, h] when alibi, then the packed-sequence ranges when any
   results  dq [b, sq, h, d], dk and dv [b, sk, h, d], all in q's dtype, dk and dv one per query
            head (XLA sums each group of hk's to [b, sk, hk, d]); the kernel's workspaces
            dq_accum float32 [b, h, sq rounded up to a multiple of 128, d] and
-           dq_semaphore int32 [b, h, ceil(sq / 16)]
-  attrs    softmax_scale (f32), softcap (f32, 0: off), causal (bool), window_left and
-           window_right (i32, -1: unbounded), deterministic (bool)
+           dq_semaphore int32 [b, h, ceil(sq / 16)]; dalibi_partial float32
+           [b, h, ceil(sk / 64)] when alibi, else [b, h, 0], which XLA sums to dalibi_slopes
+  attrs    softmax_scale (f32), softcap (f32, 0: off), alibi (bool), causal (bool), window_left
+           and window_right (i32, -1: unbounded), deterministic (bool)
 """
 
 import functools
@@ -37,7 +39,7 @@ from jax_flash._batching import batch_broadcast_operands, register_batch_folding
 from jax_flash._blockwise import options_of
 from jax_flash._blockwise_bwd import blockwise_attention_bwd
 from jax_flash._config import FlashConfig
-from jax_flash._kernel_choice import kernel_head_dim_for, kernel_mask_arguments, pad_head_dim
+from jax_flash._kernel_choice import kernel_head_dim_for, kernel_feature_arguments, pad_head_dim
 from jax_flash._sharding import lower_partitioned, needs_devices_when_lowering, result_aval
 from jax_flash._validation import check_extra_operands, check_qkv
 
@@ -96,12 +98,15 @@ def _lower_sharded(ctx, local_fn, operands, config: FlashConfig):
 # (kDqSemaphoreRowsPerCounter and kDqAccumRowsMultiple in cuda/flash_params.h).
 _DQ_SEMAPHORE_ROWS = 16
 _DQ_ACCUM_ROWS_MULTIPLE = 128
+# Keys per dalibi_partial entry (kAlibiPartialKeys).
+_ALIBI_PARTIAL_KEYS = 64
 
 
 def _kernel_backward(q, k, v, out, lse, dout, dlse, *extras, config: FlashConfig,
                      kernel_head_dim: int):
     """delta in XLA (one fused pass over out and dout), the kernel on zero-padded operands, then
-    dk and dv summed over each group of query heads and the padding sliced off."""
+    dk and dv summed over each group of query heads and the padding sliced off; dalibi_slopes
+    (with ALiBi) the sum of the kernel's per-key-tile partials."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     rowsum = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)  # [b, sq, h]
@@ -109,20 +114,24 @@ def _kernel_backward(q, k, v, out, lse, dout, dlse, *extras, config: FlashConfig
     q, k, v, dout = (pad_head_dim(x, kernel_head_dim) for x in (q, k, v, dout))
     counters = -(-seqlen_q // _DQ_SEMAPHORE_ROWS)
     accum_rows = -(-seqlen_q // _DQ_ACCUM_ROWS_MULTIPLE) * _DQ_ACCUM_ROWS_MULTIPLE
+    alibi_partials = -(-seqlen_k // _ALIBI_PARTIAL_KEYS) if config.has_alibi_slopes else 0
     result_types = (
         jax.ShapeDtypeStruct(q.shape, q.dtype),                             # dq
         jax.ShapeDtypeStruct((batch, seqlen_k, heads, kernel_head_dim), k.dtype),  # dk
         jax.ShapeDtypeStruct((batch, seqlen_k, heads, kernel_head_dim), v.dtype),  # dv
         jax.ShapeDtypeStruct((batch, heads, accum_rows, kernel_head_dim), jnp.float32),  # dq_accum
         jax.ShapeDtypeStruct((batch, heads, counters), jnp.int32),          # dq_semaphore
+        jax.ShapeDtypeStruct((batch, heads, alibi_partials), jnp.float32),  # dalibi_partial
     )
-    mask_attributes, mask_operands = kernel_mask_arguments(config, extras, backward=True)
-    dq, dk, dv, _, _ = jax.ffi.ffi_call(_extension.BWD_TARGET, result_types)(
-        q, k, v, dout, lse, delta, *mask_operands,
+    attributes, operands = kernel_feature_arguments(config, extras, backward=True)
+    dq, dk, dv, _, _, dalibi_partial = jax.ffi.ffi_call(_extension.BWD_TARGET, result_types)(
+        q, k, v, dout, lse, delta, *operands,
         softmax_scale=np.float32(config.softmax_scale), softcap=np.float32(config.softcap),
-        deterministic=bool(config.deterministic), **mask_attributes)
+        deterministic=bool(config.deterministic), **attributes)
     dq = dq[..., :head_dim]
     dk, dv = (_sum_groups(x[..., :head_dim], kv_heads) for x in (dk, dv))
+    if config.has_alibi_slopes:
+        return dq, dk, dv, jnp.sum(dalibi_partial, axis=-1)
     return dq, dk, dv
 
 

@@ -5,17 +5,18 @@ on every other platform) to the blockwise XLA implementation. The FFI contract o
 
   target  "jax_flash_fwd"
   operands q [b, sq, h, d], k [b, sk, hk, d], v [b, sk, hk, d] (hk divides h), all float16 or
-           all bfloat16, d one of the compiled head dims
+           all bfloat16, d one of the compiled head dims; then alibi_slopes float32 [b, h] when
+           alibi, then the packed-sequence ranges when any (see _kernel_choice)
   results  out [b, sq, h, d] (q's dtype), lse [b, h, sq] float32
-  attrs    softmax_scale (f32), softcap (f32, 0: off), causal (bool), window_left and
-           window_right (i32, -1: unbounded)
+  attrs    softmax_scale (f32), softcap (f32, 0: off), alibi (bool), causal (bool), window_left
+           and window_right (i32, -1: unbounded)
 
 The primitive's operands are q, k, v followed by the feature operands its config uses, in this
 fixed order (FlashConfig.extra_operand_names): alibi_slopes float32 [b, h], mask bool and bias
 float, each 4-D broadcastable to [b, h, sq, sk], q_segment_ids and q_positions int32 [b, sq],
 kv_segment_ids and kv_positions int32 [b, sk], dropout_seed uint32 [b, 2]. The kernel runs
-window_size, softcap, segment ids and positions (as per-token ranges, see _kernel_choice); calls
-with ALiBi, mask, bias or dropout take the XLA path until it gains them.
+window_size, softcap, ALiBi, segment ids and positions (as per-token ranges, see _kernel_choice);
+calls with mask, bias or dropout take the XLA path until it gains them.
 """
 
 import functools
@@ -30,7 +31,7 @@ from jax_flash import _extension
 from jax_flash._batching import batch_broadcast_operands, register_batch_folding
 from jax_flash._blockwise import blockwise_attention, options_of
 from jax_flash._config import FlashConfig
-from jax_flash._kernel_choice import kernel_head_dim_for, kernel_mask_arguments, pad_head_dim
+from jax_flash._kernel_choice import kernel_head_dim_for, kernel_feature_arguments, pad_head_dim
 from jax_flash._sharding import lower_partitioned, needs_devices_when_lowering, result_aval
 from jax_flash._validation import check_extra_operands, check_qkv
 
@@ -75,10 +76,10 @@ def _kernel_forward(q, k, v, *extras, config: FlashConfig, kernel_head_dim: int)
     q, k, v = (pad_head_dim(x, kernel_head_dim) for x in (q, k, v))
     out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
     lse_type = jax.ShapeDtypeStruct((batch, heads, seqlen_q), jnp.float32)
-    mask_attributes, mask_operands = kernel_mask_arguments(config, extras, backward=False)
+    attributes, operands = kernel_feature_arguments(config, extras, backward=False)
     out, lse = jax.ffi.ffi_call(_extension.FWD_TARGET, (out_type, lse_type))(
-        q, k, v, *mask_operands, softmax_scale=np.float32(config.softmax_scale),
-        softcap=np.float32(config.softcap), **mask_attributes)
+        q, k, v, *operands, softmax_scale=np.float32(config.softmax_scale),
+        softcap=np.float32(config.softcap), **attributes)
     return out[..., :head_dim], lse
 
 

@@ -3,7 +3,8 @@ backward primitives: the implementation asked for, the features, the dtype, this
 the head dim.
 
 The kernels run plain and causal attention, grouped-query attention, sliding windows, softcap,
-segment ids and flash_attention_varlen (and sinks, which flash_attention applies around them).
+ALiBi, segment ids and flash_attention_varlen (and sinks, which flash_attention applies around
+them); ALiBi with varlen's positions takes the XLA path (its distances are per sequence).
 Every other feature takes the XLA path until the kernels gain it; implementation="cuda" then
 raises, naming the features.
 """
@@ -53,11 +54,15 @@ def _why_kernel_cannot_run(head_dim: int) -> str | None:
 
 
 # FlashConfig.features() that the kernels run.
-KERNEL_FEATURES = ("window_size", "softcap", "segment_ids", "flash_attention_varlen")
+KERNEL_FEATURES = ("window_size", "softcap", "alibi_slopes", "segment_ids", "flash_attention_varlen")
 
 
 def _missing_features(config: FlashConfig) -> tuple[str, ...]:
-    return tuple(f for f in config.features() if f not in KERNEL_FEATURES)
+    missing = [f for f in config.features() if f not in KERNEL_FEATURES]
+    # The kernels measure ALiBi's distance in whole-row indices, not in per-token positions.
+    if config.has_alibi_slopes and config.has_positions:
+        missing.append("alibi_slopes with flash_attention_varlen")
+    return tuple(missing)
 
 
 def check_kernel_features(config: FlashConfig) -> None:
@@ -100,28 +105,30 @@ def pad_head_dim(x, kernel_head_dim: int):
     return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, kernel_head_dim - x.shape[-1]),))
 
 
-def kernel_mask_arguments(config: FlashConfig, extras, *, backward: bool):
-    """(FFI attributes causal, window_left, window_right; the packed-sequence operands that
-    follow the kernel's fixed ones) for the primitive's extra operands `extras`.
+def kernel_feature_arguments(config: FlashConfig, extras, *, backward: bool):
+    """(FFI attributes alibi, causal, window_left, window_right; the operands that follow the
+    kernel's fixed ones) for the primitive's extra operands `extras`.
 
-    Segment ids (and varlen's positions) become per-token intervals (see _kernel_ranges). With
-    positions, the intervals carry causal and window_size per sequence, so the kernel's own band,
-    aligned to the whole row, is turned off.
+    alibi_slopes float32 [b, h] comes first when there are slopes. Segment ids (and varlen's
+    positions) become per-token intervals (see _kernel_ranges). With positions, the intervals carry
+    causal and window_size per sequence, so the kernel's own band, aligned to the whole row, is
+    turned off.
     """
-    left, right = config.window_size
-    attributes = dict(causal=bool(config.causal), window_left=np.int32(left),
-                      window_right=np.int32(right))
-    if not config.has_segment_ids:
-        return attributes, ()
     named = dict(zip(config.extra_operand_names(), extras))
+    left, right = config.window_size
+    attributes = dict(alibi=bool(config.has_alibi_slopes), causal=bool(config.causal),
+                      window_left=np.int32(left), window_right=np.int32(right))
+    operands = (named["alibi_slopes"],) if config.has_alibi_slopes else ()
+    if not config.has_segment_ids:
+        return attributes, operands
     positions = ((named["q_positions"], named["kv_positions"]) if config.has_positions
                  else (None, None))
     row_ranges, key_ranges = kernel_ranges(named["q_segment_ids"], named["kv_segment_ids"],
                                            *positions, causal=config.causal,
                                            window_size=config.window_size)
     if config.has_positions:
-        attributes = dict(causal=False, window_left=np.int32(-1), window_right=np.int32(-1))
+        attributes.update(causal=False, window_left=np.int32(-1), window_right=np.int32(-1))
     kv_segment_ids = named["kv_segment_ids"].astype(jnp.int32)
-    operands = ((row_ranges, key_ranges, kv_segment_ids) if backward
-                else (row_ranges, kv_segment_ids))
+    operands += ((row_ranges, key_ranges, kv_segment_ids) if backward
+                 else (row_ranges, kv_segment_ids))
     return attributes, operands

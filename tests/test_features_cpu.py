@@ -232,7 +232,8 @@ def test_bad_feature_arguments(options, match):
 
 
 @pytest.mark.parametrize("options,named", [
-    ({"window_size": (3, 0), "alibi_slopes": jnp.ones((4,))}, "alibi_slopes"),  # windows run
+    ({"window_size": (3, 0), "alibi_slopes": jnp.ones((4,)), "mask": jnp.ones((11,), bool)},
+     "mask: "),  # windows and ALiBi run
     ({"softcap": 5.0, "bias": jnp.ones((11,), jnp.bfloat16)}, "bias: "),  # softcap runs
     ({"mask": jnp.ones((11,), bool), "dropout_rate": 0.1, "dropout_rng": jax.random.key(0)},
      "mask, dropout_rate"),

@@ -184,9 +184,25 @@ def test_grad_calls_the_backward_kernel(pretend_build, deterministic):
     # q, k, v, dout padded to 64; lse and delta [b, h, sq] in float32.
     assert _operand_types(call) == ["tensor<1x33x2x64xbf16>"] * 4 + ["tensor<1x2x33xf32>"] * 2
     # dq, dk and dv (per query head), dq_accum in float32 with rows rounded up to 128, 3
-    # semaphore counters for 33 rows.
+    # semaphore counters for 33 rows, no ALiBi partials.
     assert re.search(r"-> \(tensor<1x33x2x64xbf16>, tensor<1x33x2x64xbf16>, "
-                     r"tensor<1x33x2x64xbf16>, tensor<1x2x128x64xf32>, tensor<1x2x3xi32>\)", call)
+                     r"tensor<1x33x2x64xbf16>, tensor<1x2x128x64xf32>, tensor<1x2x3xi32>, "
+                     r"tensor<1x2x0xf32>\)", call)
+    assert "alibi = false" in call
+
+
+def test_alibi_calls_the_kernels_with_the_slopes(pretend_build):
+    """ALiBi runs on the kernels: the slopes [b, h] in float32 follow the fixed operands, the
+    backward returns per-64-key partials of dalibi_slopes (3 for 130 keys)."""
+    pretend_build(head_dims=(64,))
+    hlo = _lower_grad_for_cuda((2, 130, 3, 64), alibi_slopes=jnp.ones((3,)))
+    (forward,) = _kernel_calls(hlo)
+    (backward,) = _backward_calls(hlo)
+    assert _operand_types(forward) == ["tensor<2x130x3x64xbf16>"] * 3 + ["tensor<2x3xf32>"]
+    assert _operand_types(backward)[6:] == ["tensor<2x3xf32>"]
+    assert backward.endswith("tensor<2x3x3xf32>)")
+    for call in (forward, backward):
+        assert "alibi = true" in call
 
 
 def test_softcap_calls_the_kernels_with_its_attribute(pretend_build):
