@@ -21,7 +21,7 @@ __forceinline__ __device__ float alibi_register_slope(const FlashFwdParams& para
 // diagonal = m_block·kBlockM + seqlen_k − seqlen_q − n_block·kBlockN. A row's distance is
 // |row_offset(r) − col_offset(c)|: one int→float conversion per row and a compile-time column
 // offset (a thread's columns are a fixed pattern from its first), so a score costs an FADD and an
-// FFMA with |·|, no conversion, which runs at a quarter of the FMA rate.
+// FFMA with |·| and no conversion of its own.
 template <typename Coords>
 struct AlibiDistances {
   const Coords& coords;
