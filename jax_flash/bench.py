@@ -4,7 +4,7 @@ timed in the same run.
     python -m jax_flash.bench [--out bench_results.json] [--passes fwd,fwd_bwd]
         [--head-dims 64,128,256] [--seqlens ...] [--impls flash,cudnn,xla]
         [--causal both|true|false] [--dtype bf16] [--kv-group G] [--window W] [--segments N]
-        [--softcap C]
+        [--softcap C] [--alibi]
         [--quick] [--max-seconds S] [--no-charts]
     python -m jax_flash.bench --charts-from bench_results.json   # redraw the charts only
     python -m jax_flash.bench --ring [--devices N]   # ring attention over the visible devices
@@ -21,8 +21,8 @@ TFLOP/s = FLOPs / time. Forward FLOPs = 4·batch·heads·seqlen²·head_dim; the
 that and fwd_bwd 3.5×, as FlashAttention reports; all halved for causal. With --window, the
 seqlen² is replaced by the number of (query, key) pairs the window (and causal) leave visible.
 --kv-group G gives k and v heads / G heads (grouped-query attention). --softcap C caps the
-scores at C·tanh(s / C) (Gemma 2); jax.nn.dot_product_attention has no softcap, so cuDNN and XLA
-skip those rows.
+scores at C·tanh(s / C) (Gemma 2); --alibi adds ALiBi biases with the usual slopes
+2^(-8(h + 1) / heads). jax.nn.dot_product_attention has neither, so cuDNN and XLA skip those rows.
 
 --segments N (packed sequences) replaces each configuration of seqlen S by two: "packed", the same
 batch and seqlen with q_segment_ids cutting every row into N documents of S / N tokens, its FLOPs
@@ -109,6 +109,7 @@ class Shape:
     window: int = -1
     segments: int = 1  # > 1: q_segment_ids cut every row into this many equal documents
     softcap: float = 0.0  # > 0: scores capped at softcap·tanh(s / softcap)
+    alibi: bool = False  # ALiBi with alibi_slopes(num_heads)
 
     @property
     def num_kv_heads(self) -> int:
@@ -117,6 +118,13 @@ class Shape:
     @property
     def window_size(self) -> tuple[int, int]:
         return (self.window, self.window) if self.window >= 0 else (-1, -1)
+
+    @property
+    def alibi_slopes(self) -> np.ndarray | None:
+        """The ALiBi paper's slopes for num_heads heads, float32 [num_heads]; None without."""
+        if not self.alibi:
+            return None
+        return np.exp2(-8.0 * np.arange(1, self.num_heads + 1) / self.num_heads).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +161,8 @@ def build_grid(args, backend: str) -> list[tuple[Shape, ...]]:
     """The configurations, in groups timed and printed together: (shape,), or with --segments N
     (packed, dense equivalent)."""
     causal_modes = CAUSAL_MODES[args.causal]
-    options = dict(kv_group=args.kv_group, window=args.window, softcap=args.softcap)
+    options = dict(kv_group=args.kv_group, window=args.window, softcap=args.softcap,
+                   alibi=args.alibi)
     if backend == "gpu":
         head_dims = args.head_dims or PAPER_HEAD_DIMS
         seqlens = args.seqlens or (QUICK_SEQLENS if args.quick else PAPER_SEQLENS)
@@ -224,7 +233,8 @@ def attention_fn(impl: str, shape: Shape, softmax_scale: float, backend: str):
         path = "cuda" if impl == "flash" and backend == "gpu" else "xla"
         fn = functools.partial(jax_flash.flash_attention, causal=shape.causal,
                                softmax_scale=softmax_scale, implementation=path,
-                               window_size=shape.window_size, softcap=shape.softcap)
+                               window_size=shape.window_size, softcap=shape.softcap,
+                               alibi_slopes=shape.alibi_slopes)
         if shape.segments > 1:
             return (lambda q, k, v, ids: fn(q, k, v, q_segment_ids=ids)), path
         return fn, path
@@ -261,6 +271,8 @@ def skip_reason(impl: str, shape: Shape, backend: str, xla_max_seqlen: int,
         return "jax.nn.dot_product_attention takes no segment ids"
     if impl in ("cudnn", "xla") and shape.softcap:
         return "jax.nn.dot_product_attention takes no softcap"
+    if impl in ("cudnn", "xla") and shape.alibi:
+        return "jax.nn.dot_product_attention takes no ALiBi slopes"
     if impl == "cudnn" and backend != "gpu":
         return "cuDNN needs an NVIDIA GPU"
     if impl == "xla" and shape.seqlen > xla_max_seqlen:
@@ -332,9 +344,9 @@ _STATIC = ("causal", "softmax_scale", "window_size", "softcap")
 
 
 def _reference_fwd(q, k, v, dout, *, causal, softmax_scale, window_size, softcap, mask=None,
-                   q_segment_ids=None, kv_segment_ids=None):
+                   bias=None, q_segment_ids=None, kv_segment_ids=None):
     out, _ = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                 window_size=window_size, softcap=softcap, mask=mask,
+                                 window_size=window_size, softcap=softcap, mask=mask, bias=bias,
                                  q_segment_ids=q_segment_ids,
                                  kv_segment_ids=kv_segment_ids)
     return (out,)
@@ -355,15 +367,16 @@ _REFERENCES = {
 
 def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale: float,
                       window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                      q_segment_ids=None) -> list[np.ndarray]:
+                      alibi_slopes=None, q_segment_ids=None) -> list[np.ndarray]:
     """The float32 oracle's (out,) or (dq, dk, dv), computed on the host CPU (apart from the device
     under test, and with no autotuning per shape), REFERENCE_CHUNK query rows at a time to bound
     its memory. The loss is a sum over query rows, so the chunks' gradients add up to the whole's.
 
     The bench's shapes are square (seqlen_q == seqlen_k). For causal, the queries [start, stop) see
     no key at or past `stop`; handing the oracle only keys [0, stop) keeps its bottom-right
-    alignment equal to the full problem's. A chunk's window would be aligned to the chunk's own
-    bottom-right corner, so it goes to the oracle as a mask over global positions instead.
+    alignment equal to the full problem's. A chunk's window and ALiBi would be aligned to the
+    chunk's own bottom-right corner, so they go to the oracle as a mask and a bias over global
+    positions instead (alibi_slopes: [heads] of the sliced heads).
     q_segment_ids [batch, seqlen] (kv's are the same) are cut along with the queries and keys.
     """
     cpu = jax.devices("cpu")[0]
@@ -380,13 +393,23 @@ def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale:
                                                     kv_segment_ids=q_segment_ids[:, :keys])
         parts = oracle(q[:, start:stop], k[:, :keys], v[:, :keys], dout[:, start:stop],
                        causal=causal, softmax_scale=softmax_scale, window_size=(-1, -1),
-                       softcap=softcap, mask=_window_mask(window_size, start, stop, keys), **ids)
+                       softcap=softcap, mask=_window_mask(window_size, start, stop, keys),
+                       bias=_alibi_bias(alibi_slopes, start, stop, keys), **ids)
         for axis, total, part in zip(axes, totals, parts):
             if axis == "q":
                 total[:, start:stop] = part
             else:
                 total[:, :keys] += part
     return totals
+
+
+def _alibi_bias(alibi_slopes, start: int, stop: int, keys: int) -> np.ndarray | None:
+    """[1, heads, stop − start, keys]: −slope·|i − j| for query start + i and key j (square
+    shapes); None without slopes."""
+    if alibi_slopes is None:
+        return None
+    distance = np.abs(np.arange(start, stop)[:, None] - np.arange(keys)[None, :]).astype(np.float32)
+    return -np.asarray(alibi_slopes)[None, :, None, None] * distance
 
 
 def _window_mask(window_size, start: int, stop: int, keys: int) -> np.ndarray | None:
@@ -437,6 +460,8 @@ def bench_shape(shape: Shape, impls, passes, settings: TimingSettings, backend: 
                                           softmax_scale=softmax_scale,
                                           window_size=shape.window_size,
                                           softcap=shape.softcap,
+                                          alibi_slopes=None if not shape.alibi else
+                                          shape.alibi_slopes[:sliced[0].shape[2]],
                                           q_segment_ids=None if ids is None else
                                           ids[:ERROR_BATCH])
         for impl in impls:
@@ -572,6 +597,8 @@ def parse_args(argv) -> argparse.Namespace:
                              "rows of S / N; 'vs dense' compares the two (default 1: off)")
     parser.add_argument("--softcap", type=float, default=0.0, metavar="C",
                         help="cap the scores at C·tanh(s / C) (default 0: off)")
+    parser.add_argument("--alibi", action="store_true",
+                        help="ALiBi with slopes 2^(-8(h + 1) / heads) (default off)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer seqlens and shorter timing, for a first look")
     parser.add_argument("--xla-max-seqlen", type=int, default=DEFAULT_XLA_MAX_SEQLEN,

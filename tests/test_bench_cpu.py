@@ -42,14 +42,17 @@ def test_window_flops_count_the_visible_pairs():
         assert bench.forward_flops(shape) == 4 * 3 * 2 * 16 * visible.sum()
 
 
-@pytest.mark.parametrize("causal,window_size", [(True, (-1, -1)), (False, (9, 5)),
-                                                (True, (9, -1))])
-def test_chunked_oracle_gradients_match_whole(make_qkv, monkeypatch, causal, window_size):
-    # Causal, so that each chunk sees a different prefix of the keys, and windows, which must
-    # stay on the whole problem's diagonal; 40 rows in chunks of 32 leave a partial last chunk.
+@pytest.mark.parametrize("causal,window_size,alibi", [
+    (True, (-1, -1), False), (False, (9, 5), False), (True, (9, -1), False), (False, (-1, -1), True),
+    (True, (9, -1), True)])
+def test_chunked_oracle_gradients_match_whole(make_qkv, monkeypatch, causal, window_size, alibi):
+    # Causal, so that each chunk sees a different prefix of the keys, and windows and ALiBi,
+    # which must stay on the whole problem's diagonal; 40 rows in chunks of 32 leave a partial
+    # last chunk.
     q, k, v = make_qkv(1, 40, 40, 2, 24)
     dout = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
-    options = dict(causal=causal, softmax_scale=0.3, window_size=window_size)
+    options = dict(causal=causal, softmax_scale=0.3, window_size=window_size,
+                   alibi_slopes=jnp.asarray([0.5, 0.0625]) if alibi else None)
 
     @jax.jit
     def whole(q, k, v):
@@ -154,6 +157,20 @@ def test_grouped_query_and_window_rows(tmp_path, monkeypatch):
     assert {(row["kv_group"], row["window"]) for row in rows} == {(2, 8)}
     for row in rows:
         assert row["status"] == "ok" and 0 < row["rel_err"] < 2e-2, row
+
+
+def test_alibi_rows(tmp_path, monkeypatch):
+    # ALiBi on flash's rows, held to the oracle with the same slopes; XLA's row is skipped.
+    monkeypatch.setattr(bench, "QUICK_TIMING", bench.TimingSettings(1, 1, 0.0))
+    out = tmp_path / "alibi.json"
+    bench.main(["--out", str(out), "--no-charts", "--impls", "flash,xla", "--alibi", *TINY])
+    rows = json.loads(out.read_text())["rows"]
+    for row in rows:
+        assert row["alibi"]
+        if row["impl"] == "xla":
+            assert row["status"] == "skipped: jax.nn.dot_product_attention takes no ALiBi slopes"
+        else:
+            assert row["status"] == "ok" and 0 < row["rel_err"] < 2e-2, row
 
 
 def test_max_seconds_skips_what_is_left(tmp_path):
