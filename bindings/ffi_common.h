@@ -166,7 +166,7 @@ inline xla::ffi::Error SetTokenRanges(const std::string& target, const xla::ffi:
 }
 
 // With ALiBi, the first remaining operand: alibi_slopes F32 [batch, num_heads]. rest_begin gets the
-// index of the operands after it (the packed-sequence ones).
+// index of the operands after it (mask, bias, the packed-sequence ones).
 inline xla::ffi::Error SetAlibiSlopes(const std::string& target, const xla::ffi::RemainingArgs& extras, bool alibi,
                                       FlashFwdParams& params, size_t& rest_begin) {
   namespace ffi = xla::ffi;
@@ -181,6 +181,53 @@ inline xla::ffi::Error SetAlibiSlopes(const std::string& target, const xla::ffi:
   }
   params.alibi_slopes = slopes->typed_data();
   rest_begin = 1;
+  return ffi::Error::Success();
+}
+
+// Each of a mask's or bias's 4 dimensions is 1 or that of `full`; strides (in elements) of the
+// dense row-major buffer, 0 along dimensions of size 1.
+template <typename Buffer>
+bool BroadcastStrides(const Buffer& buffer, const int64_t (&full)[4], int64_t (&strides)[4]) {
+  const auto dims = buffer.dimensions();
+  if (dims.size() != 4) return false;
+  int64_t stride = 1;
+  for (int i = 3; i >= 0; --i) {
+    if (dims[i] != 1 && dims[i] != full[i]) return false;
+    strides[i] = dims[i] == 1 ? 0 : stride;
+    stride *= dims[i];
+  }
+  return true;
+}
+
+// From extras[index]: the mask when `mask` (U32 bits, see PackedMask), then the bias when `bias`
+// (F32, F16 or BF16 broadcastable to [batch, num_heads, seqlen_q, seqlen_k]). index ends past them.
+inline xla::ffi::Error SetMaskAndBias(const std::string& target, const xla::ffi::RemainingArgs& extras, bool mask,
+                                      bool bias, FlashFwdParams& params, size_t& index) {
+  namespace ffi = xla::ffi;
+  int64_t strides[4];
+  if (mask) {
+    auto bits = extras.get<ffi::AnyBuffer>(index++);
+    if (bits.has_error()) return ffi::Error::InvalidArgument(target + ": missing operand mask");
+    const int64_t words = (params.seqlen_k + kMaskRowKeys - 1) / kMaskRowKeys * (kMaskRowKeys / 32);
+    const int64_t full[4] = {params.batch, params.num_heads, params.seqlen_q, words};
+    FLASH_CHECK(target, bits->element_type() == ffi::U32 && BroadcastStrides(*bits, full, strides) &&
+                            bits->dimensions()[3] == words,
+                *bits, "U32 [batch | 1, num_heads | 1, seqlen_q | 1, " + std::to_string(words) + "] mask bits");
+    params.mask = {static_cast<const uint32_t*>(bits->untyped_data()), strides[0], strides[1], strides[2]};
+  }
+  if (bias) {
+    auto values = extras.get<ffi::AnyBuffer>(index++);
+    if (values.has_error()) return ffi::Error::InvalidArgument(target + ": missing operand bias");
+    const ffi::DataType dtype = values->element_type();
+    const int64_t full[4] = {params.batch, params.num_heads, params.seqlen_q, params.seqlen_k};
+    FLASH_CHECK(target, (dtype == ffi::F32 || dtype == ffi::F16 || dtype == ffi::BF16) &&
+                            BroadcastStrides(*values, full, strides),
+                *values, "F32, F16 or BF16 broadcastable to [batch, num_heads, seqlen_q, seqlen_k]");
+    params.bias = {values->untyped_data(), strides[0], strides[1], strides[2], strides[3],
+                   dtype == ffi::F16    ? BiasDType::kFloat16
+                   : dtype == ffi::BF16 ? BiasDType::kBFloat16
+                                        : BiasDType::kFloat32};
+  }
   return ffi::Error::Success();
 }
 

@@ -12,6 +12,7 @@
 #include "attention_mask.h"
 #include "block_gemm.h"
 #include "flash_params.h"
+#include "mask_bias.h"
 #include "online_softmax.h"
 #include "register_layouts.h"
 #include "tile_copy.h"
@@ -21,8 +22,8 @@ namespace jax_flash {
 
 using namespace cute;
 
-// kScoreMods: soft-capping and ALiBi compiled in (a kernel of its own: a runtime branch in the tile
-// made ptxas schedule the plain kernel worse, 24% slower at d128 on an H200).
+// kScoreMods: soft-capping, ALiBi, mask and bias compiled in (a kernel of its own: a runtime branch
+// in the tile made ptxas schedule the plain kernel worse, 24% slower at d128 on an H200).
 template <typename Traits, bool kScoreMods>
 __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __grid_constant__ FlashFwdParams params) {
   using Element = typename Traits::Element;
@@ -144,21 +145,29 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   // tiles come first ----
   auto process_key_tile = [&](int n_block, auto needs_mask) {
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
-    clear(acc_s);
+    Tensor scores = acc_rowcol(acc_s);  // (rows, kBlockN cols)
+    if (kScoreMods && params.bias.data != nullptr) {
+      fill_with_bias(scores, score_coords, params, batch, head, m_block * kBlockM, n_block * kBlockN);
+    } else {
+      clear(acc_s);
+    }
     cp_async_wait<0>();
     __syncthreads();  // K[n_block] landed; every warp is done with V[n_block + 1]
     copy_rows</*kZeroFill=*/true>(gmem_copy, tVgV(_, _, _, n_block), tVsV, tKVcKV, keys_in_block(n_block));
     cp_async_fence();
 
     gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, thread_idx);
-    Tensor scores = acc_rowcol(acc_s);  // (rows, kBlockN cols)
-    // The cap and ALiBi go before the masks, which then write -inf over the scores they hide.
-    // Each is a uniform branch: one off costs the other nothing per score.
+    // The bias (already in the scores), the cap and ALiBi go before the masks, which then write
+    // -inf over the scores they hide. Each is a uniform branch: one off costs the others nothing
+    // per score.
     if constexpr (kScoreMods) {
       if (params.softcap > 0.f) softcap_scores(scores, params.softcap_exp2_scale);
       if (alibi_slope != 0.f) {
         const int diagonal = m_block * kBlockM - n_block * kBlockN + params.seqlen_k - params.seqlen_q;
         add_alibi(scores, alibi_distances(score_coords, diagonal), alibi_slope);
+      }
+      if (params.mask.bits != nullptr) {
+        apply_mask_bits<kBlockN>(scores, score_coords, params, batch, head, m_block * kBlockM, n_block * kBlockN);
       }
     }
     if constexpr (decltype(needs_mask)::value) {
@@ -181,7 +190,26 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
     gemm_reg_smem(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_copy_v, thread_idx);
   };
   for (; n_block >= n_block_begin; --n_block) {
-    if (mask.needs_masking(m_block, n_block) || (ranges.enabled() && ranges.needs_masking(tile_keys, n_block))) {
+    if constexpr (kScoreMods) {
+      // A key tile the mask hides entirely only passes the next K tile on (once K[n_block]
+      // landed, every warp is done with it and with V[n_block + 1]).
+      if (params.mask.bits != nullptr) {
+        cp_async_wait<0>();
+        if (!mask_tile_visible<kBlockM, kBlockN, Traits::kNThreads>(params, batch, head, m_block * kBlockM,
+                                                                     n_block * kBlockN)) {
+          if (n_block > n_block_begin) {
+            copy_rows</*kZeroFill=*/true>(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK, tKVcKV,
+                                          keys_in_block(n_block - 1));
+            cp_async_fence();
+          }
+          continue;
+        }
+      }
+      // One instantiation of the tile, so that it is inlined (two made ptxas keep the loop's
+      // tensors on the stack): the masks' checks are cheap next to the score mods.
+      process_key_tile(n_block, true_type{});
+    } else if (mask.needs_masking(m_block, n_block) ||
+               (ranges.enabled() && ranges.needs_masking(tile_keys, n_block))) {
       process_key_tile(n_block, true_type{});
     } else {
       process_key_tile(n_block, false_type{});

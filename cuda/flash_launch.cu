@@ -72,6 +72,11 @@ FlashFwdParams fwd_batch_slice(const FlashFwdParams& params, int64_t first, int 
   if (params.key_ranges) slice.key_ranges = params.key_ranges + first * params.seqlen_k * 2;
   if (params.kv_segment_ids) slice.kv_segment_ids = params.kv_segment_ids + first * params.seqlen_k;
   if (params.alibi_slopes) slice.alibi_slopes = params.alibi_slopes + first * params.num_heads;
+  if (params.mask.bits) slice.mask.bits = params.mask.bits + first * params.mask.batch_stride;
+  if (params.bias.data) {
+    const int64_t bytes = params.bias.dtype == BiasDType::kFloat32 ? 4 : 2;
+    slice.bias.data = static_cast<const char*>(params.bias.data) + first * params.bias.batch_stride * bytes;
+  }
   return slice;
 }
 
@@ -109,7 +114,8 @@ cudaError_t run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
 cudaError_t run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
   const FlashFwdParams& p = params.fwd;
   if (!params_are_valid(p) || !params.dout || !params.delta || !params.dq || !params.dq_accum || !params.dk ||
-      !params.dv || (p.row_ranges && !p.key_ranges) || (p.alibi_slopes && !params.dalibi_partial)) {
+      !params.dv || (p.row_ranges && !p.key_ranges) || (p.alibi_slopes && !params.dalibi_partial) ||
+      p.mask.bits || p.bias.data) {
     return cudaErrorInvalidValue;
   }
   const int64_t semaphore_counters = (p.seqlen_q + kDqSemaphoreRowsPerCounter - 1) / kDqSemaphoreRowsPerCounter;

@@ -7,6 +7,26 @@
 namespace jax_flash {
 
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
+enum class BiasDType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// A bias broadcastable to [batch, num_heads, seqlen_q, seqlen_k]: strides in elements, 0 along the
+// dimensions it broadcasts over. data nullptr: no bias.
+struct BiasOperand {
+  const void* data;
+  int64_t batch_stride, head_stride, row_stride, col_stride;
+  BiasDType dtype;
+};
+
+// A boolean mask as bits, [batch | 1, num_heads | 1, seqlen_q | 1, words] uint32: key j of a row
+// is visible iff bit j % 32 of word j / 32 is set; words = seqlen_k rounded up to a multiple of
+// kMaskRowKeys, over 32 (the padding bits 0). Strides in words, 0 along broadcast dimensions.
+// bits nullptr: no mask.
+struct PackedMask {
+  const uint32_t* bits;
+  int64_t batch_stride, head_stride, row_stride;
+};
+// Keys per row of a PackedMask are a multiple of this, a multiple of every key tile.
+constexpr int kMaskRowKeys = 128;
 
 // Forward pass over tensors laid out [batch, seqlen, heads, head_dim] (strides in elements,
 // the last dimension contiguous) and lse laid out [batch, heads, seqlen_q] contiguous.
@@ -53,6 +73,12 @@ struct FlashFwdParams {
   // ALiBi: float32 slopes [batch, num_heads] (contiguous), else nullptr. The logits of query i
   // and key j get −slope·|i + seqlen_k − seqlen_q − j| (after the cap, before the masks).
   const float* alibi_slopes;
+
+  // Forward only (the backward takes neither): keys where mask is false are hidden; bias is
+  // added to the logits (not with softcap), before the masks. A query tile skips the key tiles
+  // its mask hides entirely.
+  PackedMask mask;
+  BiasOperand bias;
 
   // Packed sequences (segment ids, varlen), else nullptr. Key j is visible to query i only if
   // lo <= j < hi for row_ranges[b, i] = (lo, hi, exact, segment), and, unless exact, only if

@@ -31,9 +31,9 @@ def flash_attention_fn(query, key, value, bias=None, mask=None, broadcast_dropou
         score. A concrete mask (numpy, or a jax array made outside the jitted function) that
         allows everything is dropped, and one that is exactly the causal pattern becomes
         causal=True. A mask computed inside jax.jit is traced and always takes the general mask
-        path, which reads it tile by tile (and, until the kernels take masks, runs on the
-        pure-JAX path): pass causal=True (or nnx's is_causal=True) instead of a causal mask for
-        full speed under jit. A query whose mask hides every key gets output 0 (Flax's own
+        path, which reads it tile by tile (the forward kernel runs it; its backward takes the
+        pure-JAX path for now): pass causal=True (or nnx's is_causal=True) instead of a causal
+        mask for full speed under jit. A query whose mask hides every key gets output 0 (Flax's own
         attention averages all values there).
       broadcast_dropout: accepted for Flax compatibility; jax-flash draws the dropout mask
         independently for every batch element and head whatever it says.

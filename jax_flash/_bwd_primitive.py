@@ -11,7 +11,8 @@
 
 On the CUDA platform it lowers to the kernel's FFI target when the kernel can run (the same
 choice as the forward's, see _kernel_choice), otherwise (and on every other platform) to the
-blockwise XLA backward. The FFI contract of the kernel:
+blockwise XLA backward (also for mask and bias, which only the forward kernel runs). The FFI
+contract of the kernel:
 
   target  "jax_flash_bwd"
   operands q, k, v, dout (all float16 or all bfloat16, d one of the compiled head dims),
@@ -123,7 +124,7 @@ def _kernel_backward(q, k, v, out, lse, dout, dlse, *extras, config: FlashConfig
         jax.ShapeDtypeStruct((batch, heads, counters), jnp.int32),          # dq_semaphore
         jax.ShapeDtypeStruct((batch, heads, alibi_partials), jnp.float32),  # dalibi_partial
     )
-    attributes, operands = kernel_feature_arguments(config, extras, backward=True)
+    attributes, operands = kernel_feature_arguments(config, extras, k.shape[1], backward=True)
     dq, dk, dv, _, _, dalibi_partial = jax.ffi.ffi_call(_extension.BWD_TARGET, result_types)(
         q, k, v, dout, lse, delta, *operands,
         softmax_scale=np.float32(config.softmax_scale), softcap=np.float32(config.softcap),
@@ -146,7 +147,7 @@ def _sum_groups(x, kv_heads: int):
 
 
 def _cuda_lowering(ctx, *operands, config: FlashConfig):
-    kernel_head_dim = kernel_head_dim_for(ctx.avals_in[0], config)
+    kernel_head_dim = kernel_head_dim_for(ctx.avals_in[0], config, backward=True)
     if kernel_head_dim is None:
         return _lower_blockwise(ctx, *operands, config=config)
     kernel = functools.partial(_kernel_backward, config=config, kernel_head_dim=kernel_head_dim)

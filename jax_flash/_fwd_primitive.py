@@ -6,17 +6,19 @@ on every other platform) to the blockwise XLA implementation. The FFI contract o
   target  "jax_flash_fwd"
   operands q [b, sq, h, d], k [b, sk, hk, d], v [b, sk, hk, d] (hk divides h), all float16 or
            all bfloat16, d one of the compiled head dims; then alibi_slopes float32 [b, h] when
-           alibi, then the packed-sequence ranges when any (see _kernel_choice)
+           alibi, mask bits uint32 [b | 1, h | 1, sq | 1, ceil(sk / 128) · 4] when mask (see
+           _kernel_choice.pack_mask_bits), bias (float32, float16 or bfloat16, each dimension 1
+           or that of [b, h, sq, sk]) when bias, then the packed-sequence ranges when any
   results  out [b, sq, h, d] (q's dtype), lse [b, h, sq] float32
-  attrs    softmax_scale (f32), softcap (f32, 0: off), alibi (bool), causal (bool), window_left
-           and window_right (i32, -1: unbounded)
+  attrs    softmax_scale (f32), softcap (f32, 0: off), alibi, mask, bias (bool), causal (bool),
+           window_left and window_right (i32, -1: unbounded)
 
 The primitive's operands are q, k, v followed by the feature operands its config uses, in this
 fixed order (FlashConfig.extra_operand_names): alibi_slopes float32 [b, h], mask bool and bias
 float, each 4-D broadcastable to [b, h, sq, sk], q_segment_ids and q_positions int32 [b, sq],
 kv_segment_ids and kv_positions int32 [b, sk], dropout_seed uint32 [b, 2]. The kernel runs
-window_size, softcap, ALiBi, segment ids and positions (as per-token ranges, see _kernel_choice);
-calls with mask, bias or dropout take the XLA path until it gains them.
+window_size, softcap, ALiBi, mask, bias, segment ids and positions (as per-token ranges, see
+_kernel_choice); calls with dropout take the XLA path until it gains it.
 """
 
 import functools
@@ -76,7 +78,7 @@ def _kernel_forward(q, k, v, *extras, config: FlashConfig, kernel_head_dim: int)
     q, k, v = (pad_head_dim(x, kernel_head_dim) for x in (q, k, v))
     out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
     lse_type = jax.ShapeDtypeStruct((batch, heads, seqlen_q), jnp.float32)
-    attributes, operands = kernel_feature_arguments(config, extras, backward=False)
+    attributes, operands = kernel_feature_arguments(config, extras, k.shape[1], backward=False)
     out, lse = jax.ffi.ffi_call(_extension.FWD_TARGET, (out_type, lse_type))(
         q, k, v, *operands, softmax_scale=np.float32(config.softmax_scale),
         softcap=np.float32(config.softcap), **attributes)

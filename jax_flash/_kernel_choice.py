@@ -4,9 +4,11 @@ the head dim.
 
 The kernels run plain and causal attention, grouped-query attention, sliding windows, softcap,
 ALiBi, segment ids and flash_attention_varlen (and sinks, which flash_attention applies around
-them); ALiBi with varlen's positions takes the XLA path (its distances are per sequence).
-Every other feature takes the XLA path until the kernels gain it; implementation="cuda" then
-raises, naming the features.
+them); the forward kernel also runs mask and bias, whose backward takes the XLA path (on the
+forward's out and lse). ALiBi with varlen's positions takes the XLA path (its distances are per
+sequence), and so does bias with softcap (the kernel adds the bias before the cap). Dropout takes
+the XLA path until the kernels gain it. implementation="cuda" raises where a pass cannot run on
+the kernels, naming the features.
 """
 
 import functools
@@ -54,28 +56,39 @@ def _why_kernel_cannot_run(head_dim: int) -> str | None:
 
 
 # FlashConfig.features() that the kernels run.
-KERNEL_FEATURES = ("window_size", "softcap", "alibi_slopes", "segment_ids", "flash_attention_varlen")
+KERNEL_FEATURES = ("window_size", "softcap", "alibi_slopes", "mask", "bias", "segment_ids",
+                   "flash_attention_varlen")
+# Bias dtypes the kernels read; others are cast to float32 (in the bias's own shape).
+KERNEL_BIAS_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
-def _missing_features(config: FlashConfig) -> tuple[str, ...]:
+def _missing_features(config: FlashConfig, backward: bool) -> tuple[str, ...]:
     missing = [f for f in config.features() if f not in KERNEL_FEATURES]
+    if backward:
+        missing += [f"{f} in the backward pass" for f in ("mask", "bias")
+                    if getattr(config, "has_" + f)]
     # The kernels measure ALiBi's distance in whole-row indices, not in per-token positions.
     if config.has_alibi_slopes and config.has_positions:
         missing.append("alibi_slopes with flash_attention_varlen")
+    # They start q·kᵀ from the bias, which the cap would then cap too.
+    if config.has_bias and config.softcap:
+        missing.append("bias with softcap")
     return tuple(missing)
 
 
-def check_kernel_features(config: FlashConfig) -> None:
-    """For implementation="cuda": raises ValueError naming the features the kernels lack."""
-    missing = _missing_features(config)
+def check_kernel_features(config: FlashConfig, backward: bool = False) -> None:
+    """For implementation="cuda": raises ValueError naming the features the kernels lack (those
+    of the forward pass, or with `backward` of the backward pass)."""
+    missing = _missing_features(config, backward)
     if missing:
         raise ValueError(
             f"jax-flash: implementation='cuda' cannot run {', '.join(missing)}: the CUDA kernels "
             "do not have these features yet; use implementation=None or 'xla' for the XLA path")
 
 
-def kernel_head_dim_for(q_aval, config: FlashConfig) -> int | None:
-    """The compiled head dim to run q's attention at on CUDA, or None for the XLA path.
+def kernel_head_dim_for(q_aval, config: FlashConfig, backward: bool = False) -> int | None:
+    """The compiled head dim to run q's attention (its backward pass, with `backward`) at on
+    CUDA, or None for the XLA path.
 
     implementation="cuda" raises when the kernels cannot run; None (auto) falls back, warning
     once unless the reason is a feature the kernels lack (that fallback is documented).
@@ -83,8 +96,8 @@ def kernel_head_dim_for(q_aval, config: FlashConfig) -> int | None:
     if config.implementation == "xla":
         return None
     if config.implementation == "cuda":
-        check_kernel_features(config)
-    elif _missing_features(config):
+        check_kernel_features(config, backward)
+    elif _missing_features(config, backward):
         return None
     if jnp.dtype(q_aval.dtype) not in KERNEL_DTYPES:
         if config.implementation == "cuda":
@@ -105,11 +118,30 @@ def pad_head_dim(x, kernel_head_dim: int):
     return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, kernel_head_dim - x.shape[-1]),))
 
 
-def kernel_feature_arguments(config: FlashConfig, extras, *, backward: bool):
-    """(FFI attributes alibi, causal, window_left, window_right; the operands that follow the
-    kernel's fixed ones) for the primitive's extra operands `extras`.
+# Keys per row of the packed mask are a multiple of this (kMaskRowKeys in cuda/flash_params.h).
+_MASK_ROW_KEYS = 128
 
-    alibi_slopes float32 [b, h] comes first when there are slopes. Segment ids (and varlen's
+
+def pack_mask_bits(mask, seqlen_k: int):
+    """bool [b | 1, h | 1, sq | 1, sk | 1] -> uint32 [b | 1, h | 1, sq | 1, words], key j's bit
+    j % 32 of word j / 32, rows padded with hidden keys to a multiple of _MASK_ROW_KEYS: one pass
+    over the mask, which the kernels then read 32 keys per load (and skip tiles by)."""
+    mask = jnp.broadcast_to(mask, mask.shape[:3] + (seqlen_k,))
+    keys = -(-seqlen_k // _MASK_ROW_KEYS) * _MASK_ROW_KEYS
+    mask = jnp.pad(mask, ((0, 0),) * 3 + ((0, keys - seqlen_k),))
+    bits = mask.reshape(mask.shape[:3] + (keys // 32, 32)).astype(jnp.uint32)
+    return jnp.sum(bits << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+
+def kernel_feature_arguments(config: FlashConfig, extras, seqlen_k: int, *, backward: bool):
+    """(FFI attributes alibi, mask and bias (forward only), causal, window_left, window_right;
+    the operands that follow the kernel's fixed ones) for the primitive's extra operands
+    `extras`.
+
+    alibi_slopes float32 [b, h] comes first when there are slopes, then (forward only) the mask
+    as bits (pack_mask_bits) and the bias (float32, float16 or bfloat16), each in its own 4-D
+    shape broadcastable to [b, h, sq, sk] (the kernel reads broadcast dimensions with stride 0).
+    Segment ids (and varlen's
     positions) become per-token intervals (see _kernel_ranges). With positions, the intervals carry
     causal and window_size per sequence, so the kernel's own band, aligned to the whole row, is
     turned off.
@@ -119,6 +151,13 @@ def kernel_feature_arguments(config: FlashConfig, extras, *, backward: bool):
     attributes = dict(alibi=bool(config.has_alibi_slopes), causal=bool(config.causal),
                       window_left=np.int32(left), window_right=np.int32(right))
     operands = (named["alibi_slopes"],) if config.has_alibi_slopes else ()
+    if not backward:
+        attributes.update(mask=bool(config.has_mask), bias=bool(config.has_bias))
+        if config.has_mask:
+            operands += (pack_mask_bits(named["mask"], seqlen_k),)
+        if config.has_bias:
+            bias = named["bias"]
+            operands += (bias if bias.dtype in KERNEL_BIAS_DTYPES else bias.astype(jnp.float32),)
     if not config.has_segment_ids:
         return attributes, operands
     positions = ((named["q_positions"], named["kv_positions"]) if config.has_positions

@@ -2,8 +2,8 @@
 
 FlashAttention's bar: against Flax's stock module in float32 (same parameters), the jax-flash
 module in bfloat16 is at most twice as far off as the stock module in bfloat16, plus EPSILON;
-outputs and parameter gradients alike. Decoding (the pure-JAX mask path) matches the full run
-through the kernel within bfloat16 rounding.
+outputs and parameter gradients alike. Decoding (through mask=, which the forward kernel runs)
+matches the full run through the kernel within bfloat16 rounding.
 """
 
 import functools

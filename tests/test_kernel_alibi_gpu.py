@@ -65,6 +65,28 @@ def _max_error(got, want):
     return np.abs(got - want).max(initial=0)
 
 
+def assert_within_rule(names, flash, oracle, dense, dtypes) -> float:
+    """out, lse, then the gradients (names[2:], result dtypes `dtypes`) of the kernels against
+    the float32 oracle with FlashAttention's rule; returns out's bound."""
+    for name, got, want in zip(names, flash, oracle):
+        assert got.shape == want.shape, name
+        assert not np.isnan(got).any(), f"{np.isnan(got).sum()} NaN in {name} (unwritten?)"
+
+    error, out_bound = _max_error(flash[0], oracle[0]), 2 * _max_error(dense[0], oracle[0]) + EPSILON
+    assert error <= out_bound, f"max |out - oracle| = {error:.3e} > {out_bound:.3e}"
+    finite = ~np.isneginf(oracle[1])
+    np.testing.assert_array_equal(np.isneginf(flash[1]), ~finite, "lse -inf rows differ")
+    np.testing.assert_allclose(flash[1][finite], oracle[1][finite], rtol=LSE_RTOL, atol=LSE_ATOL,
+                               err_msg="lse")
+    for name, got, want, low, dtype in zip(names[2:], flash[2:], oracle[2:], dense[2:], dtypes):
+        error, baseline = _max_error(got, want), _max_error(low, want)
+        rounding = _max_error(want.astype(dtype).astype(np.float32), want)
+        bound = 2 * baseline + rounding + SLACK * np.abs(want).max(initial=0) + TINY
+        assert error <= bound, (f"max |{name} - oracle| = {error:.3e} > 2 × {baseline:.3e} "
+                                f"(dense, {jnp.dtype(dtype).name}) + {rounding:.3e} + slack")
+    return out_bound
+
+
 def _check(seed, q, k, v, slopes, q_ids=None, *, deterministic=False, **options):
     batch, seqlen_q, heads, _ = q.shape
     dout = random_normal(seed + 1, q.shape, q.dtype)
@@ -84,22 +106,8 @@ def _check(seed, q, k, v, slopes, q_ids=None, *, deterministic=False, **options)
 
     flash = run()
     oracle, dense = ([np.asarray(x, np.float32) for x in r] for r in (oracle, dense))
-    for name, got, want in zip(NAMES, flash, oracle):
-        assert got.shape == want.shape, name
-        assert not np.isnan(got).any(), f"{np.isnan(got).sum()} NaN in {name} (unwritten?)"
-
-    error, out_bound = _max_error(flash[0], oracle[0]), 2 * _max_error(dense[0], oracle[0]) + EPSILON
-    assert error <= out_bound, f"max |out - oracle| = {error:.3e} > {out_bound:.3e}"
-    finite = ~np.isneginf(oracle[1])
-    np.testing.assert_array_equal(np.isneginf(flash[1]), ~finite, "lse -inf rows differ")
-    np.testing.assert_allclose(flash[1][finite], oracle[1][finite], rtol=LSE_RTOL, atol=LSE_ATOL,
-                               err_msg="lse")
-    for name, got, want, low in zip(NAMES[2:], flash[2:], oracle[2:], dense[2:]):
-        error, baseline = _max_error(got, want), _max_error(low, want)
-        rounding = _max_error(want.astype(q.dtype).astype(np.float32), want)
-        bound = 2 * baseline + rounding + SLACK * np.abs(want).max(initial=0) + TINY
-        assert error <= bound, (f"max |{name} - oracle| = {error:.3e} > 2 × {baseline:.3e} "
-                                f"(dense, {jnp.dtype(q.dtype).name}) + {rounding:.3e} + slack")
+    # dalibi_slopes is float32, but the oracle's rounding to q's dtype is the slack it gets.
+    out_bound = assert_within_rule(NAMES, flash, oracle, dense, [q.dtype] * 4)
 
     # A kernel that ignored the slopes would miss the oracle by far.
     unbiased = _reference(*on_cpu[:3], jnp.zeros_like(on_cpu[3]), *on_cpu[4:],

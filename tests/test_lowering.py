@@ -205,6 +205,39 @@ def test_alibi_calls_the_kernels_with_the_slopes(pretend_build):
         assert "alibi = true" in call
 
 
+def test_mask_and_bias_run_on_the_forward_kernel_in_their_own_shapes(pretend_build):
+    """mask and bias go to the forward kernel in the shapes given (broadcast dimensions stay 1):
+    the mask as bits (130 keys padded to 256: 8 words), the bias in its bfloat16. Their backward
+    takes the XLA path: no backward kernel call."""
+    pretend_build(head_dims=(64,))
+    x = jax.ShapeDtypeStruct((2, 130, 3, 64), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((2, 1, 1, 130), jnp.bool_)
+    bias = jax.ShapeDtypeStruct((1, 3, 130, 130), jnp.bfloat16)
+    loss = lambda q, k, v, mask, bias: jnp.sum(
+        jax_flash.flash_attention(q, k, v, mask=mask, bias=bias).astype(jnp.float32))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 4)))
+    hlo = grad.trace(x, x, x, mask, bias).lower(lowering_platforms=("cuda",)).as_text()
+    (forward,) = _kernel_calls(hlo)
+    assert _operand_types(forward)[3:] == ["tensor<2x1x1x8xui32>", "tensor<1x3x130x130xbf16>"]
+    assert "mask = true" in forward and "bias = true" in forward
+    assert not _backward_calls(hlo)
+
+
+def test_cuda_implementation_names_the_backward_of_mask(pretend_build):
+    """implementation="cuda" runs a masked forward, but its gradient names what the backward
+    kernel lacks."""
+    pretend_build(head_dims=(64,))
+    x = jax.ShapeDtypeStruct((1, 9, 2, 64), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((1, 1, 9, 9), jnp.bool_)
+    attention = lambda q, k, v, mask: jax_flash.flash_attention(q, k, v, mask=mask,
+                                                                implementation="cuda")
+    assert _kernel_calls(jax.jit(attention).trace(x, x, x, mask).lower(
+        lowering_platforms=("cuda",)).as_text())
+    loss = lambda q, k, v, mask: jnp.sum(attention(q, k, v, mask).astype(jnp.float32))
+    with pytest.raises(ValueError, match="cannot run mask in the backward pass: "):
+        jax.jit(jax.grad(loss)).trace(x, x, x, mask).lower(lowering_platforms=("cuda",))
+
+
 def test_softcap_calls_the_kernels_with_its_attribute(pretend_build):
     """softcap runs on the kernels (implementation=None picks them), forward and backward, the cap
     passed as an attribute; without it the attribute is 0 (off)."""
