@@ -23,8 +23,8 @@ using namespace cute;
 // query first_row, key first_col) to bias / logit_scale, 0 outside the sequences, for q·kᵀ to
 // accumulate onto: the bias then holds no registers across the GEMM.
 template <typename T, typename Scores, typename Coords>
-__forceinline__ __device__ void fill_with_bias(Scores& scores, const Coords& coords, const FlashFwdParams& params, int batch,
-                                         int head, int first_row, int first_col) {
+__forceinline__ __device__ void fill_with_bias(Scores& scores, const Coords& coords, const FlashFwdParams& params,
+                                               int batch, int head, int first_row, int first_col) {
   const BiasOperand& bias = params.bias;
   const T* tile = static_cast<const T*>(bias.data) + batch * bias.batch_stride + head * bias.head_stride;
   const float register_scale = 1.f / params.logit_scale;
@@ -36,17 +36,15 @@ __forceinline__ __device__ void fill_with_bias(Scores& scores, const Coords& coo
     CUTE_UNROLL
     for (int c = 0; c < size<1>(scores); ++c) {
       const int col = first_col + get<1>(coords(0, c));
-      const float value = row < params.seqlen_q && col < params.seqlen_k
-                              ? float(row_values[col * col_stride]) * register_scale
-                              : 0.f;
-      scores(r, c) = value;
+      const bool inside = row < params.seqlen_q && col < params.seqlen_k;
+      scores(r, c) = inside ? float(row_values[col * col_stride]) * register_scale : 0.f;
     }
   }
 }
 
 template <typename Scores, typename Coords>
-__forceinline__ __device__ void fill_with_bias(Scores& scores, const Coords& coords, const FlashFwdParams& params, int batch,
-                                         int head, int first_row, int first_col) {
+__forceinline__ __device__ void fill_with_bias(Scores& scores, const Coords& coords, const FlashFwdParams& params,
+                                               int batch, int head, int first_row, int first_col) {
   switch (params.bias.dtype) {
     case BiasDType::kFloat16:
       return fill_with_bias<__half>(scores, coords, params, batch, head, first_row, first_col);

@@ -141,10 +141,9 @@ def kernel_feature_arguments(config: FlashConfig, extras, seqlen_k: int, *, back
     alibi_slopes float32 [b, h] comes first when there are slopes, then (forward only) the mask
     as bits (pack_mask_bits) and the bias (float32, float16 or bfloat16), each in its own 4-D
     shape broadcastable to [b, h, sq, sk] (the kernel reads broadcast dimensions with stride 0).
-    Segment ids (and varlen's
-    positions) become per-token intervals (see _kernel_ranges). With positions, the intervals carry
-    causal and window_size per sequence, so the kernel's own band, aligned to the whole row, is
-    turned off.
+    Segment ids (and varlen's positions) become per-token intervals (see _kernel_ranges). With
+    positions, the intervals carry causal and window_size per sequence, so the kernel's own
+    band, aligned to the whole row, is turned off.
     """
     named = dict(zip(config.extra_operand_names(), extras))
     left, right = config.window_size

@@ -1,7 +1,8 @@
 """Every feature on a GPU with implementation=None, which takes the XLA path until the kernels
-gain the feature (window, window_left, softcap and ALiBi already run on the kernels, which
-test_kernel_masks_gpu and test_kernel_alibi_gpu test more thoroughly): forward and gradients of half-precision inputs
-against the float32 oracle, held to "no worse than twice the same dense computation in the
+gain the feature (window, window_left, softcap and ALiBi already run on the kernels, mask and
+bias on the forward kernel; test_kernel_masks_gpu, test_kernel_alibi_gpu and
+test_kernel_bias_mask_gpu test them more thoroughly): forward and gradients of half-precision
+inputs against the float32 oracle, held to "no worse than twice the same dense computation in the
 inputs' dtype"; GPU only."""
 
 import functools

@@ -87,12 +87,9 @@ def _poison_byte() -> jax.Array:
 # Spare small poisoned blocks: XLA may take a small block of its own before the outputs (seen on an
 # H200: one, ahead of an 8-byte lse, which then missed the one poisoned block of its size).
 _SPARE_SMALL_BLOCKS = 4
-_SMALL_BLOCK_BYTES = 256  # the pool's smallest block
-
-
-# XLA's GPU allocator hands out blocks in multiples of this; a result may sit at the end of a
-# freed block's rounded-up size.
-_ALLOCATION_GRANULE = 256
+# The pool's smallest block; blocks come in multiples of it, so a result may sit in the rounded-up
+# tail of a freed block, which is poisoned too.
+_SMALL_BLOCK_BYTES = 256
 
 
 def _poison_sizes(compiled, out_shapes) -> list[int]:
@@ -101,7 +98,7 @@ def _poison_sizes(compiled, out_shapes) -> list[int]:
     temp_bytes = getattr(stats, "temp_size_in_bytes", 0) if stats is not None else 0
     spares = [_SMALL_BLOCK_BYTES] * _SPARE_SMALL_BLOCKS
     sizes = sizes + ([temp_bytes] if temp_bytes else []) + spares
-    return [-(-n // _ALLOCATION_GRANULE) * _ALLOCATION_GRANULE for n in sizes]
+    return [-(-n // _SMALL_BLOCK_BYTES) * _SMALL_BLOCK_BYTES for n in sizes]
 
 
 def _covered(start: int, nbytes: int, ranges: list[tuple[int, int]]) -> bool:
@@ -115,31 +112,22 @@ def _covered(start: int, nbytes: int, ranges: list[tuple[int, int]]) -> bool:
     return any(lo <= start and start + nbytes <= hi for lo, hi in merged)
 
 
-# The allocator may place a result across the freed blocks and memory that was busy while they
-# were filled; other rounds, alternately with one block of the total size, land it inside.
-_POISON_ATTEMPTS = 4
-
-
 def run_on_poisoned_memory(fn, *args):
     """fn(*args), jitted, run on output memory that held NaN just before; asserts it did."""
     compiled = jax.jit(fn).lower(*args).compile()
     sizes = _poison_sizes(compiled, jax.eval_shape(fn, *args))
-    for attempt in range(_POISON_ATTEMPTS):
-        blocks = sizes if attempt % 2 == 0 else [sum(sizes)]
-        poison = [_filled_bytes(nbytes, _poison_byte()) for nbytes in blocks]
-        jax.block_until_ready(poison)
-        ranges = [(p.unsafe_buffer_pointer(), p.unsafe_buffer_pointer() + p.nbytes) for p in poison]
-        for p in poison:
-            p.delete()
+    poison = [_filled_bytes(nbytes, _poison_byte()) for nbytes in sizes]
+    jax.block_until_ready(poison)
+    ranges = [(p.unsafe_buffer_pointer(), p.unsafe_buffer_pointer() + p.nbytes) for p in poison]
+    for p in poison:
+        p.delete()
 
-        outputs = jax.block_until_ready(compiled(*args))
-        if all(_covered(out.unsafe_buffer_pointer(), out.nbytes, ranges)
-               for out in jax.tree.leaves(outputs)):
-            return outputs
-        del outputs
-    raise AssertionError(
-        "the output buffers did not land in the freed NaN-filled memory, so unwritten elements "
-        "would go unnoticed (a different XLA_PYTHON_CLIENT_ALLOCATOR?)")
+    outputs = jax.block_until_ready(compiled(*args))
+    for out in jax.tree.leaves(outputs):
+        assert _covered(out.unsafe_buffer_pointer(), out.nbytes, ranges), (
+            "the output buffer did not land in the freed NaN-filled memory, so unwritten elements "
+            "would go unnoticed (a different XLA_PYTHON_CLIENT_ALLOCATOR?)")
+    return outputs
 
 
 # --- Oracle and the low-precision baseline ----------------------------------------------------
