@@ -231,6 +231,23 @@ inline xla::ffi::Error SetMaskAndBias(const std::string& target, const xla::ffi:
   return ffi::Error::Success();
 }
 
+// With dropout (threshold > 0), extras[index]: the seed, U32 [batch, 2]. index ends past it.
+inline xla::ffi::Error SetDropout(const std::string& target, const xla::ffi::RemainingArgs& extras, int32_t threshold,
+                                  FlashFwdParams& params, size_t& index) {
+  namespace ffi = xla::ffi;
+  if (threshold < 0 || threshold > 0xFFFF) {
+    return ffi::Error::InvalidArgument(target + ": dropout_threshold = " + std::to_string(threshold) +
+                                       ": expected 0 (off) to 65535");
+  }
+  if (threshold == 0) return ffi::Error::Success();
+  auto seed = extras.get<ffi::AnyBuffer>(index++);
+  if (seed.has_error()) return ffi::Error::InvalidArgument(target + ": missing operand dropout_seed");
+  FLASH_CHECK(target, seed->element_type() == ffi::U32 && HasShape(*seed, {params.batch, 2}), *seed,
+              "U32 [batch, 2] dropout_seed");
+  params.dropout = {static_cast<const uint32_t*>(seed->untyped_data()), static_cast<uint32_t>(threshold), 1.f};
+  return ffi::Error::Success();
+}
+
 // softcap must be 0 (off) or positive and finite: the kernels divide by it.
 inline xla::ffi::Error CheckSoftcap(const std::string& target, float softcap) {
   if (softcap >= 0.f && std::isfinite(softcap)) return xla::ffi::Error::Success();

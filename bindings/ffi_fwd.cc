@@ -21,7 +21,8 @@ constexpr const char* kTarget = "jax_flash_fwd";
 ffi::Error FlashFwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::RemainingArgs extras, ffi::Result<ffi::AnyBuffer> out_result,
                         ffi::ResultBuffer<ffi::F32> lse_result, float softmax_scale, float softcap,
-                        bool alibi, bool mask, bool bias, bool causal, int32_t window_left, int32_t window_right) {
+                        bool alibi, bool mask, bool bias, bool causal, int32_t window_left, int32_t window_right,
+                        int32_t dropout_threshold) {
   const ffi::AnyBuffer out = *out_result;
   const ffi::Buffer<ffi::F32> lse = *lse_result;
   if (ffi::Error error = CheckQkv(kTarget, q, k, v); error.failure()) return error;
@@ -39,6 +40,9 @@ ffi::Error FlashFwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   size_t ranges_begin = 0;
   if (ffi::Error error = SetAlibiSlopes(kTarget, extras, alibi, params, ranges_begin); error.failure()) return error;
   if (ffi::Error error = SetMaskAndBias(kTarget, extras, mask, bias, params, ranges_begin); error.failure()) {
+    return error;
+  }
+  if (ffi::Error error = SetDropout(kTarget, extras, dropout_threshold, params, ranges_begin); error.failure()) {
     return error;
   }
   if (ffi::Error error = SetTokenRanges(kTarget, extras, ranges_begin, false, params); error.failure()) return error;
@@ -60,8 +64,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashFwd, jax_flash::FlashFwdImpl,
                                   .Arg<xla::ffi::AnyBuffer>()  // v [b, sk, hk, d], dtype of q
                                   // alibi_slopes (F32 [b, h]) with alibi, mask bits (U32
                                   // [b|1, h|1, sq|1, ceil(sk/128)*4]) with mask, bias (F32, F16,
-                                  // BF16 [b|1, h|1, sq|1, sk|1]) with bias; then none, or row_ranges,
-                                  // kv_segment_ids (S32)
+                                  // BF16 [b|1, h|1, sq|1, sk|1]) with bias, dropout_seed (U32
+                                  // [b, 2]) with dropout; then none, or row_ranges, kv_segment_ids
+                                  // (S32)
                                   .RemainingArgs()
                                   .Ret<xla::ffi::AnyBuffer>()  // out [b, sq, h, d], dtype of q
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // lse [b, h, sq]
@@ -72,4 +77,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashFwd, jax_flash::FlashFwdImpl,
                                   .Attr<bool>("bias")            // bias operand: logits += bias
                                   .Attr<bool>("causal")          // mask j > i + sk - sq
                                   .Attr<int32_t>("window_left")  // mask j < i + sk - sq - left
-                                  .Attr<int32_t>("window_right"));  // mask j > i + sk - sq + right
+                                  .Attr<int32_t>("window_right")  // mask j > i + sk - sq + right
+                                  .Attr<int32_t>("dropout_threshold"));  // rate · 2^16, 0: off

@@ -12,6 +12,7 @@
 #include "attention_mask.h"
 #include "block_gemm.h"
 #include "dq_accumulate.h"
+#include "dropout.h"
 #include "flash_params.h"
 #include "online_softmax.h"
 #include "register_layouts.h"
@@ -268,8 +269,15 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
       }
       if (decltype(score_mods)::value && p.alibi_slopes != nullptr) dalibi_sums.add(dalibi);
     };
-    if (p.softcap > 0.f || p.alibi_slopes != nullptr) {
+    if (p.softcap > 0.f || p.alibi_slopes != nullptr || p.dropout.seed != nullptr) {
+      // Dropout: dP, the gradient of the kept probabilities scaled by keep_scale, becomes that of
+      // P, so dS = P ∘ (dP − delta); P goes on to dV dropped (and unscaled). The keep bits are
+      // drawn twice: held across form_p_ds, they made ptxas spill 24 bytes in the plain backward.
+      const bool dropout = p.dropout.seed != nullptr;
+      auto keep = [&] { return keep_bits(tScS, DropoutTile(p, batch, head, m_block * kBlockM, n_block * kBlockN)); };
+      if (dropout) apply_keep_bits(acc_dp, keep(), p.dropout.keep_scale);
       form_p_ds(true_type{});
+      if (dropout) apply_keep_bits(acc_s, keep(), 1.f);
     } else {
       form_p_ds(false_type{});
     }
@@ -345,7 +353,8 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
     }
   }
 
-  // ---- Epilogue: dK = scale · Σ dSᵀQ and dV = Σ PᵀdO; rows past seqlen_k are not written ----
+  // ---- Epilogue: dK = scale · Σ dSᵀQ and dV = keep_scale · Σ PᵀdO; rows past seqlen_k are not
+  // written ----
   Tensor tdKVcdKV = thr_dkv.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
   const int64_t dkv_offset = batch * params.dkv_batch_stride + head * params.dkv_head_stride +
                              int64_t(n_block) * kBlockN * params.dkv_row_stride;
@@ -357,7 +366,7 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
     if (key < keys_in_tile) {
       const int64_t offset = key * params.dkv_row_stride + get<1>(tdKVcdKV(i));
       dk[offset] = Element(acc_dk(i) * p.softmax_scale);
-      dv[offset] = Element(acc_dv(i));
+      dv[offset] = Element(acc_dv(i) * p.dropout.keep_scale);  // 1 without dropout
     }
   }
   if (p.alibi_slopes != nullptr) {

@@ -11,6 +11,7 @@
 #include "alibi.h"
 #include "attention_mask.h"
 #include "block_gemm.h"
+#include "dropout.h"
 #include "flash_params.h"
 #include "mask_bias.h"
 #include "online_softmax.h"
@@ -22,8 +23,9 @@ namespace jax_flash {
 
 using namespace cute;
 
-// kScoreMods: soft-capping, ALiBi, mask and bias compiled in (a kernel of its own: a runtime branch
-// in the tile made ptxas schedule the plain kernel worse, 24% slower at d128 on an H200).
+// kScoreMods: soft-capping, ALiBi, mask, bias and dropout compiled in (a kernel of its own: a
+// runtime branch in the tile made ptxas schedule the plain kernel worse, 24% slower at d128 on an
+// H200).
 template <typename Traits, bool kScoreMods>
 __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __grid_constant__ FlashFwdParams params) {
   using Element = typename Traits::Element;
@@ -144,6 +146,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   // ---- Main loop over the visible key tiles, last to first: under causal masking the masked
   // tiles come first ----
   auto process_key_tile = [&](int n_block, auto needs_mask) {
+    // Dropout's keep bits are drawn first, while only acc_o holds registers (drawn next to their
+    // use, they made ptxas spill up to 1 KiB more).
+    const uint64_t keep = kScoreMods && params.dropout.seed != nullptr
+                              ? keep_bits(tScS, DropoutTile(params, batch, head, m_block * kBlockM, n_block * kBlockN))
+                              : 0;
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
     Tensor scores = acc_rowcol(acc_s);  // (rows, kBlockN cols)
     if (kScoreMods && params.bias.data != nullptr) {
@@ -186,6 +193,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
 
     softmax.update(scores, acc_o_rc, scale_log2);
     Tensor p = convert_fragment<Element>(acc_s);
+    // Dropout after the row sums, which count every probability.
+    if (kScoreMods && params.dropout.seed != nullptr) apply_keep_bits(p, keep);
     Tensor tOrP = make_tensor(p.data(), acc_to_a_operand_layout(p.layout()));  // (MMA, MMA_M, MMA_K)
     gemm_reg_smem(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_copy_v, thread_idx);
   };
@@ -218,6 +227,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
 
   // ---- Epilogue: normalize, stage O through shared memory (Q's, now unused), store ----
   Tensor lse = softmax.finalize(acc_o_rc, params.logit_scale);
+  if (kScoreMods && params.dropout.seed != nullptr) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= params.dropout.keep_scale;
+  }
   if (get<1>(score_coords(0, 0)) == 0) {  // one thread of each quad writes its rows' lse
     CUTE_UNROLL
     for (int r = 0; r < size(lse); ++r) {

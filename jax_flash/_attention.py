@@ -77,11 +77,11 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
         jax.nn.dot_product_attention: True where query i may attend to key j.
       bias: float, broadcastable to [batch, heads, seqlen_q, seqlen_k], added to the scores after
         softcap and ALiBi.
-      dropout_rate: the probability in [0, 1) of dropping each attention probability; the kept
-        ones are scaled by 1 / (1 - dropout_rate). 0 does no random-number work at all.
+      dropout_rate: the probability in [0, 1) of dropping each attention probability, rounded
+        to a multiple of 2⁻¹⁶; the kept ones are scaled by 1 / (1 - dropout_rate). 0 does no
+        random-number work at all.
       dropout_rng: a JAX PRNG key, needed when dropout_rate > 0. The same key gives the same
-        mask, forward and backward. The XLA path draws its own mask (see _dropout); the CUDA
-        kernel, when it gains dropout, will draw a different one from the same key.
+        mask, forward and backward, on the CUDA kernels and the XLA path alike (see _dropout).
       sinks: float [heads]: one logit per query head that joins each row's softmax denominator
         and contributes no value (attention sinks, as in gpt-oss); lse includes it.
       q_segment_ids: integer [batch, seqlen_q] (cast to int32): packed sequences. Query i sees

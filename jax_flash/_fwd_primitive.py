@@ -8,17 +8,19 @@ on every other platform) to the blockwise XLA implementation. The FFI contract o
            all bfloat16, d one of the compiled head dims; then alibi_slopes float32 [b, h] when
            alibi, mask bits uint32 [b | 1, h | 1, sq | 1, ceil(sk / 128) · 4] when mask (see
            _kernel_choice.pack_mask_bits), bias (float32, float16 or bfloat16, each dimension 1
-           or that of [b, h, sq, sk]) when bias, then the packed-sequence ranges when any
+           or that of [b, h, sq, sk]) when bias, dropout_seed uint32 [b, 2] when
+           dropout_threshold > 0, then the packed-sequence ranges when any
   results  out [b, sq, h, d] (q's dtype), lse [b, h, sq] float32
   attrs    softmax_scale (f32), softcap (f32, 0: off), alibi, mask, bias (bool), causal (bool),
-           window_left and window_right (i32, -1: unbounded)
+           window_left and window_right (i32, -1: unbounded), dropout_threshold (i32, the rate
+           in units of 2⁻¹⁶, 0: off)
 
 The primitive's operands are q, k, v followed by the feature operands its config uses, in this
 fixed order (FlashConfig.extra_operand_names): alibi_slopes float32 [b, h], mask bool and bias
 float, each 4-D broadcastable to [b, h, sq, sk], q_segment_ids and q_positions int32 [b, sq],
 kv_segment_ids and kv_positions int32 [b, sk], dropout_seed uint32 [b, 2]. The kernel runs
-window_size, softcap, ALiBi, mask, bias, segment ids and positions (as per-token ranges, see
-_kernel_choice); calls with dropout take the XLA path until it gains it.
+window_size, softcap, ALiBi, mask, bias, dropout, segment ids and positions (as per-token
+ranges, see _kernel_choice).
 """
 
 import functools

@@ -3,12 +3,12 @@ backward primitives: the implementation asked for, the features, the dtype, this
 the head dim.
 
 The kernels run plain and causal attention, grouped-query attention, sliding windows, softcap,
-ALiBi, segment ids and flash_attention_varlen (and sinks, which flash_attention applies around
-them); the forward kernel also runs mask and bias, whose backward takes the XLA path (on the
-forward's out and lse). ALiBi with varlen's positions takes the XLA path (its distances are per
-sequence), and so does bias with softcap (the kernel adds the bias before the cap). Dropout takes
-the XLA path until the kernels gain it. implementation="cuda" raises where a pass cannot run on
-the kernels, naming the features.
+ALiBi, dropout, segment ids and flash_attention_varlen (and sinks, which flash_attention applies
+around them); the forward kernel also runs mask and bias, whose backward takes the XLA path (on
+the forward's out and lse, with the same dropout mask). ALiBi with varlen's positions takes the
+XLA path (its distances are per sequence), and so does bias with softcap (the kernel adds the
+bias before the cap). implementation="cuda" raises where a pass cannot run on the kernels, naming
+the features.
 """
 
 import functools
@@ -19,6 +19,7 @@ import numpy as np
 
 from jax_flash import _extension
 from jax_flash._config import FlashConfig
+from jax_flash._dropout import rate_threshold
 from jax_flash._kernel_ranges import kernel_ranges
 from jax_flash._validation import KERNEL_DTYPES, check_kernel_dtype
 
@@ -56,8 +57,8 @@ def _why_kernel_cannot_run(head_dim: int) -> str | None:
 
 
 # FlashConfig.features() that the kernels run.
-KERNEL_FEATURES = ("window_size", "softcap", "alibi_slopes", "mask", "bias", "segment_ids",
-                   "flash_attention_varlen")
+KERNEL_FEATURES = ("window_size", "softcap", "alibi_slopes", "mask", "bias", "dropout_rate",
+                   "segment_ids", "flash_attention_varlen")
 # Bias dtypes the kernels read; others are cast to float32 (in the bias's own shape).
 KERNEL_BIAS_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
@@ -134,13 +135,14 @@ def pack_mask_bits(mask, seqlen_k: int):
 
 
 def kernel_feature_arguments(config: FlashConfig, extras, seqlen_k: int, *, backward: bool):
-    """(FFI attributes alibi, mask and bias (forward only), causal, window_left, window_right;
-    the operands that follow the kernel's fixed ones) for the primitive's extra operands
-    `extras`.
+    """(FFI attributes alibi, mask and bias (forward only), causal, window_left, window_right,
+    dropout_threshold; the operands that follow the kernel's fixed ones) for the primitive's
+    extra operands `extras`.
 
     alibi_slopes float32 [b, h] comes first when there are slopes, then (forward only) the mask
     as bits (pack_mask_bits) and the bias (float32, float16 or bfloat16), each in its own 4-D
-    shape broadcastable to [b, h, sq, sk] (the kernel reads broadcast dimensions with stride 0).
+    shape broadcastable to [b, h, sq, sk] (the kernel reads broadcast dimensions with stride 0),
+    then dropout_seed uint32 [b, 2] with dropout (the rate as a 16-bit threshold, see _dropout).
     Segment ids (and varlen's positions) become per-token intervals (see _kernel_ranges). With
     positions, the intervals carry causal and window_size per sequence, so the kernel's own
     band, aligned to the whole row, is turned off.
@@ -148,7 +150,8 @@ def kernel_feature_arguments(config: FlashConfig, extras, seqlen_k: int, *, back
     named = dict(zip(config.extra_operand_names(), extras))
     left, right = config.window_size
     attributes = dict(alibi=bool(config.has_alibi_slopes), causal=bool(config.causal),
-                      window_left=np.int32(left), window_right=np.int32(right))
+                      window_left=np.int32(left), window_right=np.int32(right),
+                      dropout_threshold=np.int32(rate_threshold(config.dropout_rate)))
     operands = (named["alibi_slopes"],) if config.has_alibi_slopes else ()
     if not backward:
         attributes.update(mask=bool(config.has_mask), bias=bool(config.has_bias))
@@ -157,6 +160,8 @@ def kernel_feature_arguments(config: FlashConfig, extras, seqlen_k: int, *, back
         if config.has_bias:
             bias = named["bias"]
             operands += (bias if bias.dtype in KERNEL_BIAS_DTYPES else bias.astype(jnp.float32),)
+    if config.dropout_rate:
+        operands += (named["dropout_seed"],)
     if not config.has_segment_ids:
         return attributes, operands
     positions = ((named["q_positions"], named["kv_positions"]) if config.has_positions

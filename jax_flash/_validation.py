@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_flash._config import IMPLEMENTATIONS
+from jax_flash._dropout import quantize_rate
 
 # The largest head_dim of any implementation; the kernels are compiled up to it.
 MAX_HEAD_DIM = 256
@@ -117,7 +118,8 @@ def check_softcap(softcap) -> float:
 
 
 def check_dropout(dropout_rate, dropout_rng) -> float:
-    """dropout_rate as a float in [0, 1); a rate above 0 needs a PRNG key."""
+    """dropout_rate in [0, 1) as the rate the mask draws (a multiple of 2⁻¹⁶, see _dropout); a
+    rate above 0 needs a PRNG key."""
     rate = _static_real("dropout_rate", dropout_rate)
     if not 0 <= rate < 1:
         raise ValueError(f"jax-flash: dropout_rate must be in [0, 1); got {dropout_rate!r}")
@@ -131,7 +133,7 @@ def check_dropout(dropout_rate, dropout_rng) -> float:
                 "jax-flash: dropout_rng must be one PRNG key (jax.random.key(seed), or "
                 f"jax.random.PRNGKey(seed): uint32[2]); got "
                 f"{jnp.dtype(dropout_rng.dtype).name}{list(dropout_rng.shape)}")
-    return rate
+    return quantize_rate(rate)
 
 
 def check_sinks(sinks, heads: int) -> None:

@@ -232,11 +232,11 @@ def test_bad_feature_arguments(options, match):
 
 
 @pytest.mark.parametrize("options,named", [
-    # windows, ALiBi, softcap, mask and bias run on the kernels; dropout and bias with softcap
-    # do not yet
+    # windows, ALiBi, softcap, mask, bias and dropout run on the kernels; bias with softcap
+    # does not
     ({"window_size": (3, 0), "alibi_slopes": jnp.ones((4,)), "mask": jnp.ones((11,), bool),
-      "dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, "dropout_rate: "),
-    ({"softcap": 5.0, "bias": jnp.ones((11,), jnp.bfloat16)}, "bias with softcap: "),
+      "dropout_rate": 0.1, "dropout_rng": jax.random.key(0), "softcap": 5.0,
+      "bias": jnp.ones((11,), jnp.bfloat16)}, "bias with softcap: "),
 ])
 def test_cuda_implementation_names_the_features_the_kernel_lacks(options, named):
     q, k, v = make_inputs(0, 2, 13, 11, 4, 2, 8, jnp.bfloat16)

@@ -1,5 +1,6 @@
-"""Dropout on the XLA path: keep-rate statistics, reproducibility from the key, the backward using
-the forward's mask, and the oracle given the same mask."""
+"""Dropout on the XLA path: the generator against Philox's published answers and the mask
+against its definition (which the CUDA kernels share), keep-rate statistics, reproducibility
+from the key, the backward using the forward's mask, and the oracle given the same mask."""
 
 import functools
 
@@ -11,10 +12,63 @@ from jax.test_util import check_grads
 
 import jax_flash
 from jax_flash._blockwise import blockwise_attention
-from jax_flash._dropout import dense_keep_mask, dropout_seed
+from jax_flash._dropout import (dense_keep_mask, dropout_seed, keep_mask, philox2x32_10,
+                                quantize_rate)
 from test_features_cpu import make_inputs
 
 RATE = 0.3
+KEEP = 1 - quantize_rate(RATE)
+
+
+def _philox_by_hand(counter0, counter1, key):
+    """Philox-2x32-10 on Python integers, from its definition."""
+    mask32 = 0xFFFFFFFF
+    for _ in range(10):
+        product = 0xD256D193 * counter0
+        counter0, counter1 = ((product >> 32) ^ key ^ counter1) & mask32, product & mask32
+        key = (key + 0x9E3779B9) & mask32
+    return counter0, counter1
+
+
+@pytest.mark.parametrize("counter0,counter1,key,expected", [
+    # Random123's known-answer vectors for philox2x32 with 10 rounds.
+    (0, 0, 0, (0xFF1DAE59, 0x6CD10DF2)),
+    (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, (0x2C3F628B, 0xAB4FD7AD)),
+    (0x243F6A88, 0x85A308D3, 0x13198A2E, (0xDD7CE038, 0xF62A4C12)),
+])
+def test_philox_known_answers(counter0, counter1, key, expected):
+    words = philox2x32_10(*(jnp.uint32(x) for x in (counter0, counter1, key)))
+    assert tuple(int(w) for w in words) == expected
+    assert _philox_by_hand(counter0, counter1, key) == expected
+
+
+def test_mask_follows_its_definition():
+    """Every keep bit of a small mask from _dropout's definition (and cuda/dropout.h's): the
+    16-bit half of Philox(key seed[0]; h·sq + i with bit 3 cleared, j // 2 xor seed[1]) picked
+    by bit 3 of i and the parity of j, kept iff ≥ rate · 2¹⁶. Query 8-15 and key pairs check
+    the grouping, seqlen_q 40 with 3 heads the head term."""
+    batch, kv_heads, group, seqlen_q, seqlen_k, rate = 2, 3, 1, 40, 21, quantize_rate(0.4)
+    seed = jnp.asarray([[0x01234567, 0x89ABCDEF], [0xFFFFFFFF, 7]], jnp.uint32)
+    keep = np.asarray(keep_mask(seed, rate, seqlen_q=seqlen_q, kv_heads=kv_heads, group=group,
+                                query=jnp.arange(seqlen_q), key=jnp.arange(seqlen_k)))
+    threshold = round(rate * 65536)
+    for b in range(batch):
+        s0, s1 = (int(x) for x in seed[b])
+        for h in range(kv_heads):
+            for i in range(seqlen_q):
+                for j in range(seqlen_k):
+                    words = _philox_by_hand((h * seqlen_q + (i & ~8)) & 0xFFFFFFFF,
+                                            (j >> 1) ^ s1, s0)
+                    half = (words[(i >> 3) & 1] >> (16 * (j & 1))) & 0xFFFF
+                    assert keep[b, h, 0, i, j] == (half >= threshold), (b, h, i, j)
+
+
+def test_rates_are_multiples_of_two_to_the_minus_16():
+    assert quantize_rate(0.0) == 0.0
+    assert quantize_rate(0.25) == 0.25
+    assert quantize_rate(1e-9) == 2.0**-16  # some dropout, never none
+    assert quantize_rate(0.9999999) == 1 - 2.0**-16  # something kept
+    assert abs(quantize_rate(0.3) - 0.3) <= 2.0**-17
 
 
 def _identity_values(batch, seqlen_k, heads):
@@ -33,8 +87,8 @@ def test_keep_rate_and_scaling():
     kept = np.asarray(dropped) != 0
     n = kept.size
     # Binomial: 5 standard deviations.
-    assert abs(kept.mean() - (1 - RATE)) < 5 * np.sqrt(RATE * (1 - RATE) / n)
-    np.testing.assert_allclose(np.asarray(dropped)[kept], np.asarray(probs)[kept] / (1 - RATE),
+    assert abs(kept.mean() - KEEP) < 5 * np.sqrt(KEEP * (1 - KEEP) / n)
+    np.testing.assert_allclose(np.asarray(dropped)[kept], np.asarray(probs)[kept] / KEEP,
                                rtol=1e-5)
 
 
@@ -71,7 +125,7 @@ def test_matches_oracle_with_the_same_mask():
     flash = lambda q, k, v: jax_flash.flash_attention(
         q, k, v, causal=True, return_lse=True, dropout_rate=RATE, dropout_rng=rng)
     oracle = lambda q, k, v: jax_flash.attention_reference(
-        q, k, v, causal=True, dropout_rate=RATE, dropout_keep=keep)
+        q, k, v, causal=True, dropout_rate=1 - KEEP, dropout_keep=keep)
 
     @jax.jit
     def results_and_grads(q, k, v):

@@ -232,12 +232,12 @@ def test_bad_segment_ids(q_ids, kv_ids, error, match):
 
 
 def test_cuda_implementation_names_only_what_the_kernels_lack():
-    """The kernels run segment ids, ALiBi and bias; combined with dropout, only dropout is
-    named."""
+    """The kernels run segment ids, ALiBi, bias and dropout; combined with softcap, only the
+    bias with softcap is named."""
     q, k, v, _, _ = _inputs(60, 1, 4, 4, 2, 2, 8)
-    with pytest.raises(ValueError, match="cannot run dropout_rate: "):
+    with pytest.raises(ValueError, match="cannot run bias with softcap: "):
         jax_flash.flash_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)),
-                                  alibi_slopes=jnp.ones((2,)), bias=jnp.ones((4,)),
+                                  alibi_slopes=jnp.ones((2,)), bias=jnp.ones((4,)), softcap=5.0,
                                   dropout_rate=0.1, dropout_rng=jax.random.key(0),
                                   implementation="cuda",
                                   q_segment_ids=jnp.zeros((1, 4), int))
