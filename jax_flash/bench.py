@@ -4,7 +4,7 @@ timed in the same run.
     python -m jax_flash.bench [--out bench_results.json] [--passes fwd,fwd_bwd]
         [--head-dims 64,128,256] [--seqlens ...] [--impls flash,cudnn,xla]
         [--causal both|true|false] [--dtype bf16] [--kv-group G] [--window W] [--segments N]
-        [--softcap C] [--alibi]
+        [--softcap C] [--alibi] [--dropout P]
         [--quick] [--max-seconds S] [--no-charts]
     python -m jax_flash.bench --charts-from bench_results.json   # redraw the charts only
     python -m jax_flash.bench --ring [--devices N]   # ring attention over the visible devices
@@ -22,7 +22,9 @@ that and fwd_bwd 3.5×, as FlashAttention reports; all halved for causal. With -
 seqlen² is replaced by the number of (query, key) pairs the window (and causal) leave visible.
 --kv-group G gives k and v heads / G heads (grouped-query attention). --softcap C caps the
 scores at C·tanh(s / C) (Gemma 2); --alibi adds ALiBi biases with the usual slopes
-2^(-8(h + 1) / heads). jax.nn.dot_product_attention has neither, so cuDNN and XLA skip those rows.
+2^(-8(h + 1) / heads); --dropout P drops each attention probability with probability P (the key
+is jax.random.key(DROPOUT_KEY_SEED), and the oracle applies the very mask jax-flash draws from it).
+jax.nn.dot_product_attention has none of these, so cuDNN and XLA skip those rows.
 
 --segments N (packed sequences) replaces each configuration of seqlen S by two: "packed", the same
 batch and seqlen with q_segment_ids cutting every row into N documents of S / N tokens, its FLOPs
@@ -57,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_flash
-from jax_flash import _bench_ring
+from jax_flash import _bench_ring, _dropout
 from jax_flash._reference import attention_reference
 
 PAPER_TOKENS = 16384
@@ -91,6 +93,8 @@ INPUT_SETS = 3
 ERROR_BATCH = 1
 ERROR_HEADS = 2  # query heads; with grouped-query attention, one whole group of query heads
 REFERENCE_CHUNK = 4096
+# --dropout's PRNG key: fixed, so the oracle can draw the same mask as the timed calls.
+DROPOUT_KEY_SEED = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +114,7 @@ class Shape:
     segments: int = 1  # > 1: q_segment_ids cut every row into this many equal documents
     softcap: float = 0.0  # > 0: scores capped at softcap·tanh(s / softcap)
     alibi: bool = False  # ALiBi with alibi_slopes(num_heads)
+    dropout: float = 0.0  # > 0: attention probabilities dropped at this rate
 
     @property
     def num_kv_heads(self) -> int:
@@ -162,7 +167,7 @@ def build_grid(args, backend: str) -> list[tuple[Shape, ...]]:
     (packed, dense equivalent)."""
     causal_modes = CAUSAL_MODES[args.causal]
     options = dict(kv_group=args.kv_group, window=args.window, softcap=args.softcap,
-                   alibi=args.alibi)
+                   alibi=args.alibi, dropout=args.dropout)
     if backend == "gpu":
         head_dims = args.head_dims or PAPER_HEAD_DIMS
         seqlens = args.seqlens or (QUICK_SEQLENS if args.quick else PAPER_SEQLENS)
@@ -176,6 +181,8 @@ def build_grid(args, backend: str) -> list[tuple[Shape, ...]]:
                              f"{shape.num_heads} heads of head dim {shape.head_dim}")
     if args.softcap < 0:
         raise SystemExit(f"--softcap must be positive (or 0: off), not {args.softcap}")
+    if not 0 <= args.dropout < 1:
+        raise SystemExit(f"--dropout must be in [0, 1) (0: off), not {args.dropout}")
     if args.segments < 1:
         raise SystemExit(f"--segments must be 1 (off) or more, not {args.segments}")
     if args.segments == 1:
@@ -234,7 +241,9 @@ def attention_fn(impl: str, shape: Shape, softmax_scale: float, backend: str):
         fn = functools.partial(jax_flash.flash_attention, causal=shape.causal,
                                softmax_scale=softmax_scale, implementation=path,
                                window_size=shape.window_size, softcap=shape.softcap,
-                               alibi_slopes=shape.alibi_slopes)
+                               alibi_slopes=shape.alibi_slopes, dropout_rate=shape.dropout,
+                               dropout_rng=jax.random.key(DROPOUT_KEY_SEED) if shape.dropout
+                               else None)
         if shape.segments > 1:
             return (lambda q, k, v, ids: fn(q, k, v, q_segment_ids=ids)), path
         return fn, path
@@ -273,6 +282,8 @@ def skip_reason(impl: str, shape: Shape, backend: str, xla_max_seqlen: int,
         return "jax.nn.dot_product_attention takes no softcap"
     if impl in ("cudnn", "xla") and shape.alibi:
         return "jax.nn.dot_product_attention takes no ALiBi slopes"
+    if impl in ("cudnn", "xla") and shape.dropout:
+        return "jax.nn.dot_product_attention takes no dropout"
     if impl == "cudnn" and backend != "gpu":
         return "cuDNN needs an NVIDIA GPU"
     if impl == "xla" and shape.seqlen > xla_max_seqlen:
@@ -340,13 +351,15 @@ def error_slice(x: jax.Array, axis: str, kv_group: int) -> jax.Array:
     return x[:ERROR_BATCH, :, :heads]
 
 
-_STATIC = ("causal", "softmax_scale", "window_size", "softcap")
+_STATIC = ("causal", "softmax_scale", "window_size", "softcap", "dropout_rate")
 
 
 def _reference_fwd(q, k, v, dout, *, causal, softmax_scale, window_size, softcap, mask=None,
-                   bias=None, q_segment_ids=None, kv_segment_ids=None):
+                   bias=None, dropout_rate=0.0, dropout_keep=None, q_segment_ids=None,
+                   kv_segment_ids=None):
     out, _ = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                  window_size=window_size, softcap=softcap, mask=mask, bias=bias,
+                                 dropout_rate=dropout_rate, dropout_keep=dropout_keep,
                                  q_segment_ids=q_segment_ids,
                                  kv_segment_ids=kv_segment_ids)
     return (out,)
@@ -367,7 +380,8 @@ _REFERENCES = {
 
 def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale: float,
                       window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                      alibi_slopes=None, q_segment_ids=None) -> list[np.ndarray]:
+                      alibi_slopes=None, q_segment_ids=None, dropout_rate: float = 0.0,
+                      dropout_seed=None) -> list[np.ndarray]:
     """The float32 oracle's (out,) or (dq, dk, dv), computed on the host CPU (apart from the device
     under test, and with no autotuning per shape), REFERENCE_CHUNK query rows at a time to bound
     its memory. The loss is a sum over query rows, so the chunks' gradients add up to the whole's.
@@ -378,11 +392,16 @@ def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale:
     chunk's own bottom-right corner, so they go to the oracle as a mask and a bias over global
     positions instead (alibi_slopes: [heads] of the sliced heads).
     q_segment_ids [batch, seqlen] (kv's are the same) are cut along with the queries and keys.
+    With dropout_rate > 0, dropout_seed (uint32 [batch, 2]: dropout_seed(rng, full batch)'s rows
+    of the sliced batch elements) gives each chunk the part of the mask flash_attention draws for
+    the whole problem (the sliced heads must be its first ones).
     """
     cpu = jax.devices("cpu")[0]
     q, k, v, dout = (jax.device_put(x, cpu).astype(jnp.float32) for x in (q, k, v, dout))
     if q_segment_ids is not None:  # on the host too, with the oracle's other inputs
         q_segment_ids = np.asarray(q_segment_ids)
+    if dropout_seed is not None:
+        dropout_seed = jax.device_put(dropout_seed, cpu)
     oracle, axes = _REFERENCES[pass_]
     totals = [np.zeros(q.shape if axis == "q" else k.shape, np.float32) for axis in axes]
     seqlen = q.shape[1]
@@ -394,7 +413,10 @@ def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale:
         parts = oracle(q[:, start:stop], k[:, :keys], v[:, :keys], dout[:, start:stop],
                        causal=causal, softmax_scale=softmax_scale, window_size=(-1, -1),
                        softcap=softcap, mask=_window_mask(window_size, start, stop, keys),
-                       bias=_alibi_bias(alibi_slopes, start, stop, keys), **ids)
+                       bias=_alibi_bias(alibi_slopes, start, stop, keys),
+                       dropout_rate=_dropout.quantize_rate(dropout_rate),
+                       dropout_keep=_dropout_keep(dropout_seed, dropout_rate, seqlen, q.shape[2],
+                                                  start, stop, keys), **ids)
         for axis, total, part in zip(axes, totals, parts):
             if axis == "q":
                 total[:, start:stop] = part
@@ -410,6 +432,22 @@ def _alibi_bias(alibi_slopes, start: int, stop: int, keys: int) -> np.ndarray | 
         return None
     distance = np.abs(np.arange(start, stop)[:, None] - np.arange(keys)[None, :]).astype(np.float32)
     return -np.asarray(alibi_slopes)[None, :, None, None] * distance
+
+
+# Jitted so that XLA fuses the Philox rounds rather than materializing each at [chunk, keys].
+_keep_mask = jax.jit(_dropout.keep_mask, static_argnames=("rate", "seqlen_q", "kv_heads", "group"))
+
+
+def _dropout_keep(seed, rate: float, seqlen: int, heads: int, start: int, stop: int,
+                  keys: int) -> jax.Array | None:
+    """bool [batch, heads, stop − start, keys]: the keep mask of queries [start, stop) and keys
+    [0, keys) in a problem of `seqlen` queries; None without dropout. Each head is a group of
+    one: the mask is per query head."""
+    if not rate:
+        return None
+    keep = _keep_mask(seed, rate, seqlen_q=seqlen, kv_heads=heads, group=1,
+                      query=jnp.arange(start, stop), key=jnp.arange(keys))
+    return keep.reshape(seed.shape[0], heads, stop - start, keys)
 
 
 def _window_mask(window_size, start: int, stop: int, keys: int) -> np.ndarray | None:
@@ -446,6 +484,10 @@ def bench_shape(shape: Shape, impls, passes, settings: TimingSettings, backend: 
     dout = random_cotangent(shape, jax.random.fold_in(key, INPUT_SETS))
     ids = segment_ids(shape)
     extra = () if ids is None else (ids,)  # what attention takes after q, k and v
+    # flash_attention draws one seed per element of the whole batch; the oracle's slice takes its
+    # elements' seeds.
+    seed = (_dropout.dropout_seed(jax.random.key(DROPOUT_KEY_SEED), shape.batch)[:ERROR_BATCH]
+            if shape.dropout else None)
     softmax_scale = 1.0 / math.sqrt(shape.head_dim)
     rows = []
     for pass_ in passes:
@@ -463,7 +505,8 @@ def bench_shape(shape: Shape, impls, passes, settings: TimingSettings, backend: 
                                           alibi_slopes=None if not shape.alibi else
                                           shape.alibi_slopes[:sliced[0].shape[2]],
                                           q_segment_ids=None if ids is None else
-                                          ids[:ERROR_BATCH])
+                                          ids[:ERROR_BATCH],
+                                          dropout_rate=shape.dropout, dropout_seed=seed)
         for impl in impls:
             row = {"impl": impl, "pass": pass_, **dataclasses.asdict(shape)}
             if reasons[impl]:
@@ -599,6 +642,9 @@ def parse_args(argv) -> argparse.Namespace:
                         help="cap the scores at C·tanh(s / C) (default 0: off)")
     parser.add_argument("--alibi", action="store_true",
                         help="ALiBi with slopes 2^(-8(h + 1) / heads) (default off)")
+    parser.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                        help="drop each attention probability with probability P in [0, 1) "
+                             "(default 0: off)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer seqlens and shorter timing, for a first look")
     parser.add_argument("--xla-max-seqlen", type=int, default=DEFAULT_XLA_MAX_SEQLEN,

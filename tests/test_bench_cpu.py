@@ -12,6 +12,7 @@ import pytest
 import jax_flash
 from jax_flash import bench
 from jax_flash._bench_chart import write_charts
+from jax_flash._dropout import dense_keep_mask, dropout_seed, quantize_rate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -63,6 +64,35 @@ def test_chunked_oracle_gradients_match_whole(make_qkv, monkeypatch, causal, win
 
     monkeypatch.setattr(bench, "REFERENCE_CHUNK", 32)
     chunked = bench.reference_outputs("fwd_bwd", q, k, v, dout, **options)
+    for got, want in zip(chunked, whole(q, k, v), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_chunked_oracle_dropout_matches_whole(make_qkv, monkeypatch, pass_, causal):
+    # Each chunk must draw its part of the whole problem's mask: its queries' rows, its keys'
+    # columns and the mask's dependence on the whole seqlen. 2 heads, so that heads differ too.
+    q, k, v = make_qkv(2, 40, 40, 2, 24)
+    dout = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
+    rng, rate = jax.random.key(7), 0.3
+    keep = dense_keep_mask(rng, rate, batch=2, heads=2, seqlen_q=40, seqlen_k=40)
+    options = dict(causal=causal, softmax_scale=0.3)
+
+    @jax.jit
+    def whole(q, k, v):
+        def fwd(q, k, v):
+            # The rate the mask draws, as flash_attention scales by.
+            out, _ = jax_flash.attention_reference(q, k, v, dropout_rate=quantize_rate(rate),
+                                                   dropout_keep=keep, **options)
+            return out
+        if pass_ == "fwd":
+            return (fwd(q, k, v),)
+        return jax.grad(lambda *qkv: jnp.sum(fwd(*qkv) * dout), argnums=(0, 1, 2))(q, k, v)
+
+    monkeypatch.setattr(bench, "REFERENCE_CHUNK", 32)
+    chunked = bench.reference_outputs(pass_, q, k, v, dout, dropout_rate=rate,
+                                      dropout_seed=dropout_seed(rng, 2), **options)
     for got, want in zip(chunked, whole(q, k, v), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
@@ -171,6 +201,30 @@ def test_alibi_rows(tmp_path, monkeypatch):
             assert row["status"] == "skipped: jax.nn.dot_product_attention takes no ALiBi slopes"
         else:
             assert row["status"] == "ok" and 0 < row["rel_err"] < 2e-2, row
+
+
+def test_dropout_rows(tmp_path, monkeypatch):
+    # Dropout on flash's rows, held to the oracle with the very mask flash draws (a different
+    # mask leaves a rel_err of about 0.6); XLA's row is skipped.
+    monkeypatch.setattr(bench, "QUICK_TIMING", bench.TimingSettings(1, 1, 0.0))
+    out = tmp_path / "dropout.json"
+    bench.main(["--out", str(out), "--no-charts", "--impls", "flash,xla", "--dropout", "0.2",
+                *TINY])
+    rows = json.loads(out.read_text())["rows"]
+    for row in rows:
+        assert row["dropout"] == 0.2
+        if row["impl"] == "xla":
+            assert row["status"] == "skipped: jax.nn.dot_product_attention takes no dropout"
+        else:
+            assert row["status"] == "ok" and 0 < row["rel_err"] < 2e-2, row
+
+
+@pytest.mark.parametrize("rate", ["1.0", "-0.1"])
+def test_bad_dropout_exits_clearly(tmp_path, rate):
+    with pytest.raises(SystemExit, match=re.escape(f"--dropout must be in [0, 1) (0: off), "
+                                                   f"not {float(rate)}")):
+        bench.main(["--out", str(tmp_path / "bad.json"), "--dropout", rate, *TINY])
+    assert not (tmp_path / "bad.json").exists()
 
 
 def test_max_seconds_skips_what_is_left(tmp_path):

@@ -152,7 +152,7 @@ def test_dropout_with_a_mask_pairs_the_kernel_forward_with_the_xla_backward(seed
 
     def oracle(q, k, v):
         return jax_flash.attention_reference(q, k, v, mask=mask, dropout_rate=quantize_rate(rate),
-                                             dropout_keep=keep, compute_dtype=jnp.float32)
+                                             dropout_keep=keep, compute_dtype=jnp.float32)[0]
 
     dout = random_normal(seed + 1, q.shape, jnp.float32)
     results = []
