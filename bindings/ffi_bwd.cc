@@ -129,4 +129,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBwd, jax_flash::FlashBwdImpl,
                                   .Attr<int32_t>("window_left")  // mask j < i + sk - sq - left
                                   .Attr<int32_t>("window_right")  // mask j > i + sk - sq + right
                                   .Attr<bool>("deterministic")  // fixed dq summation order
-                                  .Attr<int32_t>("dropout_threshold"));  // rate · 2^16, 0: off
+                                  .Attr<int32_t>("dropout_threshold"));  // rate · 256, 0: off

@@ -235,9 +235,9 @@ inline xla::ffi::Error SetMaskAndBias(const std::string& target, const xla::ffi:
 inline xla::ffi::Error SetDropout(const std::string& target, const xla::ffi::RemainingArgs& extras, int32_t threshold,
                                   FlashFwdParams& params, size_t& index) {
   namespace ffi = xla::ffi;
-  if (threshold < 0 || threshold > 0xFFFF) {
+  if (threshold < 0 || threshold > 0xFF) {
     return ffi::Error::InvalidArgument(target + ": dropout_threshold = " + std::to_string(threshold) +
-                                       ": expected 0 (off) to 65535");
+                                       ": expected 0 (off) to 255");
   }
   if (threshold == 0) return ffi::Error::Success();
   auto seed = extras.get<ffi::AnyBuffer>(index++);

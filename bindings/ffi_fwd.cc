@@ -78,4 +78,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashFwd, jax_flash::FlashFwdImpl,
                                   .Attr<bool>("causal")          // mask j > i + sk - sq
                                   .Attr<int32_t>("window_left")  // mask j < i + sk - sq - left
                                   .Attr<int32_t>("window_right")  // mask j > i + sk - sq + right
-                                  .Attr<int32_t>("dropout_threshold"));  // rate · 2^16, 0: off
+                                  .Attr<int32_t>("dropout_threshold"));  // rate · 256, 0: off

@@ -43,6 +43,8 @@ struct BwdKernelTraits : Sm80Atoms<Element_, kHeadDim_, kNWarps_ * 32> {
   static_assert(tiles(kBlockN, kHeadDim, kWarpsNdKV), "dK/dV warp grid does not divide (kBlockN, d)");
   static_assert(tiles(kBlockM, kHeadDim, kWarpsMdQ), "dQ warp grid does not divide (kBlockM, d)");
   using TiledMmaSdP = WarpGrid<kWarpsMSdP>;  // S = Q·Kᵀ and dP = dO·Vᵀ
+  // Keys between a thread's consecutive m16n8 tiles of S: the warps along S's keys take turns.
+  static constexpr int kSdPKeyStride = 8 * (kNWarps / kWarpsMSdP);
   using TiledMmadKV = WarpGrid<kWarpsNdKV>;  // dV += Pᵀ·dO and dK += dSᵀ·Q
   using TiledMmadQ = WarpGrid<kWarpsMdQ>;    // dQ = dS·K
 

@@ -1,8 +1,10 @@
 // Dropout inside the kernels. Whether a probability is kept is a pure function of the seed and
 // its place (batch, head, query, key) — see DropoutOperand — so the backward regenerates the
 // forward's mask whatever either pass's tiling, and the XLA path (jax_flash/_dropout.py) draws
-// the same one. One Philox call serves the four values a thread holds in an m16n8 accumulator
-// tile (query rows r and r + 8, keys c and c + 1), the grouping of every SM80 MMA layout.
+// the same one. One Philox call gives the 8 bytes of queries i, i + 8 and keys j, j + 1,
+// j + 32, j + 33: two m16n8 accumulator tiles 32 keys apart, which one thread holds in every
+// warp layout of the kernels (each thread holds rows r, r + 8 and keys c, c + 1 of an m16n8 tile;
+// the key tiles are multiples of 64, and warps split them in steps of 8, 16 or 32).
 #pragma once
 
 #include <cstdint>
@@ -31,9 +33,9 @@ __forceinline__ __device__ uint2 philox2x32_10(uint32_t ctr0, uint32_t ctr1, uin
 }
 
 // The keep decisions of one (batch, head) and one tile of scores whose first element is query
-// first_row, key first_col.
+// first_row, key first_col (a multiple of 64).
 struct DropoutTile {
-  uint32_t key, column_xor, row_base, first_col, threshold;
+  uint32_t key, column_xor, row_base, first_col, thresholds;
 
   __forceinline__ __device__ DropoutTile(const FlashFwdParams& params, int batch, int head, int first_row,
                                          int first_col)
@@ -41,32 +43,43 @@ struct DropoutTile {
         column_xor(params.dropout.seed[2 * batch + 1]),
         row_base(uint32_t(head) * uint32_t(params.seqlen_q) + uint32_t(first_row)),
         first_col(uint32_t(first_col)),
-        threshold(params.dropout.threshold) {}
+        thresholds(params.dropout.threshold * 0x01010101u) {}
 
-  // Bit v set iff accumulator value v of the m16n8 tile whose value 0 sits at tile coordinates
-  // (row, col) is kept: values 0, 1 are (row, col), (row, col + 1); 2, 3 the same keys at row + 8.
-  __forceinline__ __device__ uint32_t atom_keep(int row, int col) const {
-    const uint2 w = philox2x32_10(row_base + uint32_t(row), ((first_col + uint32_t(col)) >> 1) ^ column_xor, key);
-    const uint32_t high = threshold << 16;  // the high half h ≥ threshold iff the word ≥ this
-    return uint32_t((w.x & 0xffffu) >= threshold) | uint32_t(w.x >= high) << 1 |
-           uint32_t((w.y & 0xffffu) >= threshold) << 2 | uint32_t(w.y >= high) << 3;
+  // The keep bits of the m16n8 tile whose value 0 sits at tile coordinates (row, col), col % 64
+  // < 32 (bits 0-3), and of the one 32 keys on (bits 4-7): bit v for value v, values 0, 1 being
+  // (row, col), (row, col + 1) and 2, 3 the same keys at row + 8.
+  __forceinline__ __device__ uint32_t atom_pair_keep(int row, int col) const {
+    const uint32_t key_pair = first_col + uint32_t(col);
+    const uint2 w = philox2x32_10(row_base + uint32_t(row), ((key_pair >> 6) << 4 | (key_pair & 31) >> 1) ^ column_xor,
+                                  key);
+    // Bytes ≥ threshold become 0xff; a word's bytes are keys j, j + 1, j + 32, j + 33.
+    const uint32_t upper = __vcmpgeu4(w.x, thresholds), lower = __vcmpgeu4(w.y, thresholds);
+    return (upper & 1u) | (upper >> 7 & 2u) | (lower << 2 & 4u) | (lower >> 5 & 8u) |
+           (upper >> 12 & 16u) | (upper >> 19 & 32u) | (lower >> 10 & 64u) | (lower >> 17 & 128u);
   }
 };
 
 // Bit i set iff value i of a thread's accumulator fragment ((2, 2), MMA_M, MMA_N) is kept,
-// coords holding the tile coordinates of the fragment's values. A loop not unrolled, so that
-// Philox's registers are those of one m16n8 tile at a time.
-template <typename Coords>
+// coords holding the tile coordinates of the fragment's values, whose consecutive m16n8 tiles
+// along N are kKeyStride keys apart. A loop not unrolled, so that Philox's registers are those
+// of one call at a time.
+template <int kKeyStride, typename Coords>
 __forceinline__ __device__ uint64_t keep_bits(const Coords& coords, const DropoutTile& tile) {
   static_assert(decltype(size<0>(coords))::value == 4, "expects an m16n8 accumulator fragment");
   constexpr int kTilesM = decltype(size<1>(coords))::value;
-  constexpr int kTiles = kTilesM * decltype(size<2>(coords))::value;
-  static_assert(4 * kTiles <= 64, "the keep bits of a fragment fill one 64-bit word at most");
+  constexpr int kTilesN = decltype(size<2>(coords))::value;
+  static_assert(4 * kTilesM * kTilesN <= 64, "the keep bits of a fragment fill one 64-bit word at most");
+  static_assert(32 % kKeyStride == 0 && kKeyStride * kTilesN % 64 == 0,
+                "a thread must hold both tiles of each pair 32 keys apart");
+  constexpr int kPartner = 32 / kKeyStride;  // the fragment's tile 32 keys on, along N
   uint64_t bits = 0;
 #pragma unroll 1
-  for (int t = 0; t < kTiles; ++t) {
-    const auto first = coords(0, t % kTilesM, t / kTilesM);
-    bits |= uint64_t(tile.atom_keep(get<0>(first), get<1>(first))) << (4 * t);
+  for (int t = 0; t < kTilesM * kTilesN; ++t) {
+    const int m = t % kTilesM, n = t / kTilesM;
+    const auto first = coords(0, m, n);
+    if (get<1>(first) & 32) continue;  // the partner of a tile 32 keys before
+    const uint64_t pair = tile.atom_pair_keep(get<0>(first), get<1>(first));
+    bits |= (pair & 15u) << (4 * t) | (pair >> 4) << (4 * (t + kPartner * kTilesM));
   }
   return bits;
 }

@@ -271,13 +271,15 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
     };
     if (p.softcap > 0.f || p.alibi_slopes != nullptr || p.dropout.seed != nullptr) {
       // Dropout: dP, the gradient of the kept probabilities scaled by keep_scale, becomes that of
-      // P, so dS = P ∘ (dP − delta); P goes on to dV dropped (and unscaled). The keep bits are
-      // drawn twice: held across form_p_ds, they made ptxas spill 24 bytes in the plain backward.
+      // P, so dS = P ∘ (dP − delta); P goes on to dV dropped (and unscaled).
       const bool dropout = p.dropout.seed != nullptr;
-      auto keep = [&] { return keep_bits(tScS, DropoutTile(p, batch, head, m_block * kBlockM, n_block * kBlockN)); };
-      if (dropout) apply_keep_bits(acc_dp, keep(), p.dropout.keep_scale);
+      uint64_t keep = 0;
+      if (dropout) {
+        keep = keep_bits<Traits::kSdPKeyStride>(tScS, DropoutTile(p, batch, head, m_block * kBlockM, n_block * kBlockN));
+        apply_keep_bits(acc_dp, keep, p.dropout.keep_scale);
+      }
       form_p_ds(true_type{});
-      if (dropout) apply_keep_bits(acc_s, keep(), 1.f);
+      if (dropout) apply_keep_bits(acc_s, keep, 1.f);
     } else {
       form_p_ds(false_type{});
     }

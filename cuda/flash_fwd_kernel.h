@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
     // Dropout's keep bits are drawn first, while only acc_o holds registers (drawn next to their
     // use, they made ptxas spill up to 1 KiB more).
     const uint64_t keep = kScoreMods && params.dropout.seed != nullptr
-                              ? keep_bits(tScS, DropoutTile(params, batch, head, m_block * kBlockM, n_block * kBlockN))
+                              ? keep_bits</*kKeyStride=*/8>(tScS, DropoutTile(params, batch, head, m_block * kBlockM, n_block * kBlockN))
                               : 0;
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
     Tensor scores = acc_rowcol(acc_s);  // (rows, kBlockN cols)

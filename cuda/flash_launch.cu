@@ -52,7 +52,7 @@ bool params_are_valid(const FlashFwdParams& p) {
   return p.batch >= 1 && p.num_heads >= 1 && p.num_heads <= kMaxGridDim &&
          p.num_heads_k >= 1 && p.num_heads % p.num_heads_k == 0 && p.seqlen_q >= 1 && p.seqlen_k >= 1 &&
          p.softcap >= 0.f && p.softcap <= FLT_MAX && p.q && p.k && p.v && p.lse &&
-         (!p.row_ranges || p.kv_segment_ids) && p.dropout.threshold <= 0xFFFFu;
+         (!p.row_ranges || p.kv_segment_ids) && p.dropout.threshold <= 0xFFu;
 }
 
 // The forward parameters of batch entries [first, first + count), with the scales derived from
@@ -73,7 +73,7 @@ FlashFwdParams fwd_batch_slice(const FlashFwdParams& params, int64_t first, int 
   if (params.kv_segment_ids) slice.kv_segment_ids = params.kv_segment_ids + first * params.seqlen_k;
   if (params.alibi_slopes) slice.alibi_slopes = params.alibi_slopes + first * params.num_heads;
   if (params.dropout.seed) slice.dropout.seed = params.dropout.seed + first * 2;
-  slice.dropout.keep_scale = 65536.f / float(65536u - params.dropout.threshold);
+  slice.dropout.keep_scale = 256.f / float(256u - params.dropout.threshold);
   if (params.mask.bits) slice.mask.bits = params.mask.bits + first * params.mask.batch_stride;
   if (params.bias.data) {
     const int64_t bytes = params.bias.dtype == BiasDType::kFloat32 ? 4 : 2;

@@ -28,14 +28,14 @@ struct PackedMask {
 // Keys per row of a PackedMask are a multiple of this, a multiple of every key tile.
 constexpr int kMaskRowKeys = 128;
 
-// Dropout. The probability of query i, key j in head h of batch entry b is kept iff a 16-bit
-// half of Philox-2x32-10 with key seed[b][0] and counter (h·seqlen_q + i with bit 3 cleared,
-// ⌊j / 2⌋ xor seed[b][1]) (mod 2³²) — word (i >> 3) & 1, its high half iff j is odd — is
-// ≥ threshold; the kept ones are scaled by keep_scale = 65536 / (65536 − threshold), so the
-// rate is threshold / 65536. seed nullptr: no dropout.
+// Dropout. The probability of query i, key j in head h of batch entry b is kept iff byte
+// 2·((j >> 5) & 1) + (j & 1) of word (i >> 3) & 1 of Philox-2x32-10 with key seed[b][0] and
+// counter (h·seqlen_q + i with bit 3 cleared, (⌊j / 64⌋·16 + ⌊(j mod 32) / 2⌋) xor seed[b][1])
+// (mod 2³²) is ≥ threshold; the kept ones are scaled by keep_scale = 256 / (256 − threshold), so
+// the rate is threshold / 256. seed nullptr: no dropout.
 struct DropoutOperand {
   const uint32_t* seed;  // [batch, 2]
-  uint32_t threshold;    // in [0, 65535]
+  uint32_t threshold;    // in [0, 255]
   float keep_scale;      // derived by run_flash_fwd and run_flash_bwd (callers leave it)
 };
 

@@ -78,7 +78,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
       bias: float, broadcastable to [batch, heads, seqlen_q, seqlen_k], added to the scores after
         softcap and ALiBi.
       dropout_rate: the probability in [0, 1) of dropping each attention probability, rounded
-        to a multiple of 2⁻¹⁶; the kept ones are scaled by 1 / (1 - dropout_rate). 0 does no
+        to a multiple of 1/256; the kept ones are scaled by 1 / (1 - dropout_rate). 0 does no
         random-number work at all.
       dropout_rng: a JAX PRNG key, needed when dropout_rate > 0. The same key gives the same
         mask, forward and backward, on the CUDA kernels and the XLA path alike (see _dropout).

@@ -3,12 +3,12 @@ each probability's position, the same in the CUDA kernels (cuda/dropout.h) and o
 
 flash_attention turns dropout_rng into a seed of two uint32 words per batch element (so vmap
 folding a batch keeps each element's mask). The probability of query i, key j in head h is kept
-iff a 16-bit half of Philox-2x32-10 (Salmon et al., 2011) with key seed[0] and counter
-(h · seqlen_q + i with bit 3 cleared, ⌊j / 2⌋ xor seed[1]) (mod 2³²) — word (i >> 3) & 1, its
-high half iff j is odd — is at least rate · 2¹⁶. One call so covers queries i, i + 8 and keys j,
-j + 1, the four values a thread of the kernels holds in one MMA tile; any tile of the mask can be
-drawn on its own, so the backward regenerates the forward's mask exactly, whatever the tiling.
-Rates are multiples of 2⁻¹⁶ (quantize_rate).
+iff byte 2·((j >> 5) & 1) + (j & 1) of word (i >> 3) & 1 of Philox-2x32-10 (Salmon et al., 2011)
+with key seed[0] and counter (h · seqlen_q + i with bit 3 cleared, (⌊j / 64⌋ · 16 +
+⌊(j mod 32) / 2⌋) xor seed[1]) (mod 2³²) is at least rate · 256. One call so covers queries i,
+i + 8 and keys j, j + 1, j + 32, j + 33, values one thread of the kernels holds; any tile of the
+mask can be drawn on its own, so the backward regenerates the forward's mask exactly, whatever
+the tiling. Rates are multiples of 1/256 (quantize_rate).
 """
 
 import jax
@@ -16,19 +16,19 @@ import jax.numpy as jnp
 
 _PHILOX_MULTIPLIER = 0xD256D193
 _PHILOX_WEYL = 0x9E3779B9
-RATE_STEPS = 1 << 16  # the mask compares 16-bit halves with rate · RATE_STEPS
+RATE_STEPS = 256  # the mask compares bytes with rate · RATE_STEPS
 
 
 def quantize_rate(rate: float) -> float:
-    """The dropout rate the mask draws for `rate` in [0, 1): the nearest multiple of 2⁻¹⁶, at
-    least one step when rate > 0 and at most 1 − 2⁻¹⁶."""
+    """The dropout rate the mask draws for `rate` in [0, 1): the nearest multiple of 1/256, at
+    least one step when rate > 0 and at most 255/256."""
     if rate == 0:
         return 0.0
     return min(max(round(rate * RATE_STEPS), 1), RATE_STEPS - 1) / RATE_STEPS
 
 
 def rate_threshold(rate: float) -> int:
-    """The 16-bit threshold of a rate (quantized first): halves below it are dropped."""
+    """The byte threshold of a rate (quantized first): bytes below it are dropped."""
     return round(quantize_rate(rate) * RATE_STEPS)
 
 
@@ -69,10 +69,10 @@ def keep_mask(seed, rate: float, *, seqlen_q: int, kv_heads: int, group: int, qu
     key = key.astype(jnp.uint32)
     seed = seed.reshape(-1, 1, 1, 1, 1, 2)
     words = philox2x32_10(head * jnp.uint32(seqlen_q) + (query & ~jnp.uint32(8)),
-                          (key >> 1) ^ seed[..., 1], seed[..., 0])
+                          ((key >> 6) << 4 | (key & 31) >> 1) ^ seed[..., 1], seed[..., 0])
     word = jnp.where((query >> 3) & 1 != 0, words[1], words[0])
-    half = jnp.where(key & 1 != 0, word >> 16, word & 0xFFFF)
-    return half >= jnp.uint32(rate_threshold(rate))
+    byte = (word >> (8 * (2 * ((key >> 5) & 1) + (key & 1)))) & 0xFF
+    return byte >= jnp.uint32(rate_threshold(rate))
 
 
 def dense_keep_mask(dropout_rng, rate: float, *, batch: int, heads: int, seqlen_q: int,

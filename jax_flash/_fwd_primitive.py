@@ -13,7 +13,7 @@ on every other platform) to the blockwise XLA implementation. The FFI contract o
   results  out [b, sq, h, d] (q's dtype), lse [b, h, sq] float32
   attrs    softmax_scale (f32), softcap (f32, 0: off), alibi, mask, bias (bool), causal (bool),
            window_left and window_right (i32, -1: unbounded), dropout_threshold (i32, the rate
-           in units of 2⁻¹⁶, 0: off)
+           in units of 1/256, 0: off)
 
 The primitive's operands are q, k, v followed by the feature operands its config uses, in this
 fixed order (FlashConfig.extra_operand_names): alibi_slopes float32 [b, h], mask bool and bias

@@ -118,7 +118,7 @@ def check_softcap(softcap) -> float:
 
 
 def check_dropout(dropout_rate, dropout_rng) -> float:
-    """dropout_rate in [0, 1) as the rate the mask draws (a multiple of 2⁻¹⁶, see _dropout); a
+    """dropout_rate in [0, 1) as the rate the mask draws (a multiple of 1/256, see _dropout); a
     rate above 0 needs a PRNG key."""
     rate = _static_real("dropout_rate", dropout_rate)
     if not 0 <= rate < 1:

@@ -43,32 +43,32 @@ def test_philox_known_answers(counter0, counter1, key, expected):
 
 
 def test_mask_follows_its_definition():
-    """Every keep bit of a small mask from _dropout's definition (and cuda/dropout.h's): the
-    16-bit half of Philox(key seed[0]; h·sq + i with bit 3 cleared, j // 2 xor seed[1]) picked
-    by bit 3 of i and the parity of j, kept iff ≥ rate · 2¹⁶. Query 8-15 and key pairs check
-    the grouping, seqlen_q 40 with 3 heads the head term."""
-    batch, kv_heads, group, seqlen_q, seqlen_k, rate = 2, 3, 1, 40, 21, quantize_rate(0.4)
+    """Every keep bit of a small mask from _dropout's definition (and cuda/dropout.h's): byte
+    2·((j >> 5) & 1) + (j & 1) of word (i >> 3) & 1 of Philox(key seed[0]; h·sq + i with bit 3
+    cleared, (j // 64 · 16 + (j % 32) // 2) xor seed[1]), kept iff ≥ rate · 256. Queries 8-15
+    and keys 32-63 and 64-129 check the grouping, seqlen_q 40 with 3 heads the head term."""
+    batch, kv_heads, group, seqlen_q, seqlen_k, rate = 2, 3, 1, 40, 130, quantize_rate(0.4)
     seed = jnp.asarray([[0x01234567, 0x89ABCDEF], [0xFFFFFFFF, 7]], jnp.uint32)
     keep = np.asarray(keep_mask(seed, rate, seqlen_q=seqlen_q, kv_heads=kv_heads, group=group,
                                 query=jnp.arange(seqlen_q), key=jnp.arange(seqlen_k)))
-    threshold = round(rate * 65536)
+    threshold = round(rate * 256)
     for b in range(batch):
         s0, s1 = (int(x) for x in seed[b])
         for h in range(kv_heads):
             for i in range(seqlen_q):
                 for j in range(seqlen_k):
                     words = _philox_by_hand((h * seqlen_q + (i & ~8)) & 0xFFFFFFFF,
-                                            (j >> 1) ^ s1, s0)
-                    half = (words[(i >> 3) & 1] >> (16 * (j & 1))) & 0xFFFF
-                    assert keep[b, h, 0, i, j] == (half >= threshold), (b, h, i, j)
+                                            ((j // 64) * 16 + (j % 32) // 2) ^ s1, s0)
+                    byte = (words[(i >> 3) & 1] >> (8 * (2 * ((j >> 5) & 1) + (j & 1)))) & 0xFF
+                    assert keep[b, h, 0, i, j] == (byte >= threshold), (b, h, i, j)
 
 
-def test_rates_are_multiples_of_two_to_the_minus_16():
+def test_rates_are_multiples_of_one_256th():
     assert quantize_rate(0.0) == 0.0
     assert quantize_rate(0.25) == 0.25
-    assert quantize_rate(1e-9) == 2.0**-16  # some dropout, never none
-    assert quantize_rate(0.9999999) == 1 - 2.0**-16  # something kept
-    assert abs(quantize_rate(0.3) - 0.3) <= 2.0**-17
+    assert quantize_rate(1e-9) == 1 / 256  # some dropout, never none
+    assert quantize_rate(0.9999) == 255 / 256  # something kept
+    assert abs(quantize_rate(0.3) - 0.3) <= 1 / 512
 
 
 def _identity_values(batch, seqlen_k, heads):

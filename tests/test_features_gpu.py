@@ -30,9 +30,9 @@ def _options(feature, batch, seqlen_q, seqlen_k, heads):
     """(static options, differentiable tensors, constant tensors, oracle-only options)."""
     if feature == "dropout":
         rng = jax.random.key(11)
-        keep = dense_keep_mask(rng, 0.2, batch=batch, heads=heads, seqlen_q=seqlen_q,
+        keep = dense_keep_mask(rng, 0.25, batch=batch, heads=heads, seqlen_q=seqlen_q,
                                seqlen_k=seqlen_k)
-        return ({"dropout_rate": 0.2}, {}, {"dropout_rng": rng}, {"dropout_keep": keep})
+        return ({"dropout_rate": 0.25}, {}, {"dropout_rng": rng}, {"dropout_keep": keep})
     options, diff, const = _case(feature, 3, (batch, seqlen_q, seqlen_k, heads, 0, 0))
     return options, diff, const, {}
 

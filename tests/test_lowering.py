@@ -207,7 +207,7 @@ def test_alibi_calls_the_kernels_with_the_slopes(pretend_build):
 
 def test_dropout_runs_on_the_kernels_with_its_seed_and_threshold(pretend_build):
     """Dropout runs on both kernels: the per-batch seed uint32 [b, 2] follows ALiBi's slopes and
-    the rate goes as a 16-bit threshold (0.25 · 2¹⁶); without dropout the threshold is 0."""
+    the rate goes as a byte threshold (0.25 · 256); without dropout the threshold is 0."""
     pretend_build(head_dims=(64,))
     hlo = _lower_grad_for_cuda((2, 130, 3, 64), alibi_slopes=jnp.ones((3,)), dropout_rate=0.25,
                                dropout_rng=jax.random.key(0))
@@ -216,7 +216,7 @@ def test_dropout_runs_on_the_kernels_with_its_seed_and_threshold(pretend_build):
     assert _operand_types(forward)[3:] == ["tensor<2x3xf32>", "tensor<2x2xui32>"]
     assert _operand_types(backward)[6:] == ["tensor<2x3xf32>", "tensor<2x2xui32>"]
     for call in (forward, backward):
-        assert "dropout_threshold = 16384 : i32" in call
+        assert "dropout_threshold = 64 : i32" in call
     (plain,) = _kernel_calls(_lower_grad_for_cuda((2, 130, 3, 64)))
     assert "dropout_threshold = 0 : i32" in plain
 
