@@ -36,8 +36,9 @@ def _options(q_ids, slopes, rate, **options):
 
 @functools.partial(jax.jit, static_argnames=STATIC)
 def _flash(q, k, v, rng, q_ids, slopes, *, rate, **options):
+    options = _options(q_ids, slopes, rate, **options)
     return jax_flash.flash_attention(q, k, v, dropout_rng=rng, return_lse=True,
-                                     implementation="cuda", **_options(q_ids, slopes, rate, **options))
+                                     implementation="cuda", **options)
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
@@ -76,7 +77,8 @@ def _check(seed, q, k, v, *, rate, q_ids=None, slopes=None, deterministic=False,
     flash_options = dict(options, rate=rate, deterministic=deterministic)
 
     def run():
-        out, lse = run_on_poisoned_memory(_bound(_flash, **flash_options), q, k, v, rng, q_ids, slopes)
+        out, lse = run_on_poisoned_memory(_bound(_flash, **flash_options), q, k, v, rng, q_ids,
+                                          slopes)
         grads = run_on_poisoned_memory(_bound(_flash_grads, **flash_options), q, k, v, rng, q_ids,
                                        slopes, dout, dlse)
         return [np.asarray(x, np.float32) for x in (out, lse, *grads)]
