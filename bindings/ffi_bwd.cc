@@ -26,7 +26,7 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                         ffi::Result<ffi::AnyBuffer> dv_result, ffi::ResultBuffer<ffi::F32> dq_accum_result,
                         ffi::ResultBuffer<ffi::S32> dq_semaphore_result,
                         ffi::ResultBuffer<ffi::F32> dalibi_partial_result, float softmax_scale, float softcap,
-                        bool alibi, bool causal, int32_t window_left, int32_t window_right, bool deterministic,
+                        bool alibi, bool mask, bool causal, int32_t window_left, int32_t window_right, bool deterministic,
                         int32_t dropout_threshold) {
   const ffi::AnyBuffer dq = *dq_result;
   const ffi::Buffer<ffi::F32> dq_accum = *dq_accum_result;
@@ -67,6 +67,9 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   params.fwd = QkvParams(q, k, v, softmax_scale, softcap, causal, window_left, window_right);
   size_t ranges_begin = 0;
   if (ffi::Error error = SetAlibiSlopes(kTarget, extras, alibi, params.fwd, ranges_begin); error.failure()) {
+    return error;
+  }
+  if (ffi::Error error = SetMaskAndBias(kTarget, extras, mask, false, params.fwd, ranges_begin); error.failure()) {
     return error;
   }
   if (ffi::Error error = SetDropout(kTarget, extras, dropout_threshold, params.fwd, ranges_begin); error.failure()) {
@@ -111,9 +114,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBwd, jax_flash::FlashBwdImpl,
                                   .Arg<xla::ffi::AnyBuffer>()  // dout [b, sq, h, d], dtype of q
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // lse [b, h, sq]
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // delta [b, h, sq]
-                                  // alibi_slopes (F32 [b, h]) with alibi, dropout_seed (U32 [b, 2])
-                                  // with dropout, then none, or row_ranges, key_ranges,
-                                  // kv_segment_ids (S32)
+                                  // alibi_slopes (F32 [b, h]) with alibi, the mask's bits (as the
+                                  // forward's) with mask, dropout_seed (U32 [b, 2]) with dropout,
+                                  // then none, or row_ranges, key_ranges, kv_segment_ids (S32)
                                   .RemainingArgs()
                                   .Ret<xla::ffi::AnyBuffer>()  // dq [b, sq, h, d], dtype of q
                                   .Ret<xla::ffi::AnyBuffer>()  // dk [b, sk, h, d], dtype of q
@@ -125,6 +128,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBwd, jax_flash::FlashBwdImpl,
                                   .Attr<float>("softmax_scale")  // logits = scale * q.k
                                   .Attr<float>("softcap")        // > 0: logits = c * tanh(logits / c)
                                   .Attr<bool>("alibi")           // logits -= slope * |i + sk - sq - j|
+                                  .Attr<bool>("mask")            // hide keys where the mask is false
                                   .Attr<bool>("causal")          // mask j > i + sk - sq
                                   .Attr<int32_t>("window_left")  // mask j < i + sk - sq - left
                                   .Attr<int32_t>("window_right")  // mask j > i + sk - sq + right

@@ -14,6 +14,7 @@
 #include "dq_accumulate.h"
 #include "dropout.h"
 #include "flash_params.h"
+#include "mask_bias.h"
 #include "online_softmax.h"
 #include "register_layouts.h"
 #include "tile_copy.h"
@@ -203,6 +204,18 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
       cp_async_fence();
     }
 
+    // A query tile the mask hides from these keys entirely adds nothing (deterministic mode, whose
+    // dQ turns count every query tile, computes its zeros).
+    if (p.mask.bits != nullptr && params.dq_semaphore == nullptr &&
+        !mask_tile_visible<kBlockM, kBlockN, Traits::kNThreads>(p, batch, head, m_block * kBlockM,
+                                                                n_block * kBlockN)) {
+      if constexpr (!kDoubleBufferQ) {
+        if (m_block + 1 < m_end) load_query_tile(m_block + 1, 0);
+        cp_async_fence();
+      }
+      continue;
+    }
+
     // lse·log2(e) and delta of this thread's rows. Rows that see no key (lse = -inf) and rows
     // past seqlen_q get +inf, so that P is exactly 0.
     constexpr int kRows = decltype(size<0>(coords_s))::value;
@@ -269,7 +282,11 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
       }
       if (decltype(score_mods)::value && p.alibi_slopes != nullptr) dalibi_sums.add(dalibi);
     };
-    if (p.softcap > 0.f || p.alibi_slopes != nullptr || p.dropout.seed != nullptr) {
+    if (p.softcap > 0.f || p.alibi_slopes != nullptr || p.dropout.seed != nullptr || p.mask.bits != nullptr) {
+      // The mask here, not next to the band's: in the plain form its code made ptxas spill.
+      if (p.mask.bits != nullptr) {
+        apply_mask_bits<kBlockN>(scores, coords_s, p, batch, head, m_block * kBlockM, n_block * kBlockN);
+      }
       // Dropout: dP, the gradient of the kept probabilities scaled by keep_scale, becomes that of
       // P, so dS = P ∘ (dP − delta); P goes on to dV dropped (and unscaled).
       const bool dropout = p.dropout.seed != nullptr;

@@ -117,7 +117,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
   const FlashFwdParams& p = params.fwd;
   if (!params_are_valid(p) || !params.dout || !params.delta || !params.dq || !params.dq_accum || !params.dk ||
       !params.dv || (p.row_ranges && !p.key_ranges) || (p.alibi_slopes && !params.dalibi_partial) ||
-      p.mask.bits || p.bias.data) {
+      p.bias.data) {
     return cudaErrorInvalidValue;
   }
   const int64_t semaphore_counters = (p.seqlen_q + kDqSemaphoreRowsPerCounter - 1) / kDqSemaphoreRowsPerCounter;

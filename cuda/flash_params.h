@@ -85,9 +85,9 @@ struct FlashFwdParams {
   // and key j get −slope·|i + seqlen_k − seqlen_q − j| (after the cap, before the masks).
   const float* alibi_slopes;
 
-  // Forward only (the backward takes neither): keys where mask is false are hidden; bias is
-  // added to the logits (not with softcap), before the masks. A query tile skips the key tiles
-  // its mask hides entirely.
+  // Keys where mask is false are hidden; bias (forward only) is added to the logits (not with
+  // softcap), before the masks. The forward skips the tiles the mask hides entirely, and so does
+  // the backward but in deterministic mode.
   PackedMask mask;
   BiasOperand bias;
   DropoutOperand dropout;

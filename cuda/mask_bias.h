@@ -1,6 +1,6 @@
 // A boolean mask (as bits, see PackedMask) and an additive bias (see BiasOperand), each
-// broadcastable to [batch, num_heads, seqlen_q, seqlen_k], read tile by tile where the forward
-// kernel forms the scores. The score registers hold logits / logit_scale, so a bias b adds
+// broadcastable to [batch, num_heads, seqlen_q, seqlen_k], read tile by tile where the kernels
+// form the scores (the backward reads the mask only). The score registers hold logits / logit_scale, so a bias b adds
 // b / logit_scale there. Not with softcap: the bias goes into q·kᵀ before the cap would apply.
 #pragma once
 

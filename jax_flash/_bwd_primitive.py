@@ -11,20 +11,21 @@
 
 On the CUDA platform it lowers to the kernel's FFI target when the kernel can run (the same
 choice as the forward's, see _kernel_choice), otherwise (and on every other platform) to the
-blockwise XLA backward (also for mask and bias, which only the forward kernel runs). The FFI
-contract of the kernel:
+blockwise XLA backward (also for a bias, which only the forward kernel runs). The FFI contract
+of the kernel:
 
   target  "jax_flash_bwd"
   operands q, k, v, dout (all float16 or all bfloat16, d one of the compiled head dims),
            lse float32 [b, h, sq], delta float32 [b, h, sq] = rowsum(dout ∘ out) − dlse; then
-           alibi_slopes float32 [b, h] when alibi, dropout_seed uint32 [b, 2] when
-           dropout_threshold > 0, then the packed-sequence ranges when any
+           alibi_slopes float32 [b, h] when alibi, the mask's bits (as the forward's) when mask,
+           dropout_seed uint32 [b, 2] when dropout_threshold > 0, then the packed-sequence
+           ranges when any
   results  dq [b, sq, h, d], dk and dv [b, sk, h, d], all in q's dtype, dk and dv one per query
            head (XLA sums each group of hk's to [b, sk, hk, d]); the kernel's workspaces
            dq_accum float32 [b, h, sq rounded up to a multiple of 128, d] and
            dq_semaphore int32 [b, h, ceil(sq / 16)]; dalibi_partial float32
            [b, h, ceil(sk / 64)] when alibi, else [b, h, 0], which XLA sums to dalibi_slopes
-  attrs    softmax_scale (f32), softcap (f32, 0: off), alibi (bool), causal (bool), window_left
+  attrs    softmax_scale (f32), softcap (f32, 0: off), alibi, mask, causal (bool), window_left
            and window_right (i32, -1: unbounded), deterministic (bool), dropout_threshold (i32,
            as the forward's)
 """

@@ -3,8 +3,8 @@ backward primitives: the implementation asked for, the features, the dtype, this
 the head dim.
 
 The kernels run plain and causal attention, grouped-query attention, sliding windows, softcap,
-ALiBi, dropout, segment ids and flash_attention_varlen (and sinks, which flash_attention applies
-around them); the forward kernel also runs mask and bias, whose backward takes the XLA path (on
+ALiBi, dropout, mask, segment ids and flash_attention_varlen (and sinks, which flash_attention
+applies around them); the forward kernel also runs bias, whose backward takes the XLA path (on
 the forward's out and lse, with the same dropout mask). ALiBi with varlen's positions takes the
 XLA path (its distances are per sequence), and so does bias with softcap (the kernel adds the
 bias before the cap). implementation="cuda" raises where a pass cannot run on the kernels, naming
@@ -66,8 +66,7 @@ KERNEL_BIAS_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(
 def _missing_features(config: FlashConfig, backward: bool) -> tuple[str, ...]:
     missing = [f for f in config.features() if f not in KERNEL_FEATURES]
     if backward:
-        missing += [f"{f} in the backward pass" for f in ("mask", "bias")
-                    if getattr(config, "has_" + f)]
+        missing += ["bias in the backward pass"] * config.has_bias
     # The kernels measure ALiBi's distance in whole-row indices, not in per-token positions.
     if config.has_alibi_slopes and config.has_positions:
         missing.append("alibi_slopes with flash_attention_varlen")
@@ -135,12 +134,12 @@ def pack_mask_bits(mask, seqlen_k: int):
 
 
 def kernel_feature_arguments(config: FlashConfig, extras, seqlen_k: int, *, backward: bool):
-    """(FFI attributes alibi, mask and bias (forward only), causal, window_left, window_right,
+    """(FFI attributes alibi, mask, bias (forward only), causal, window_left, window_right,
     dropout_threshold; the operands that follow the kernel's fixed ones) for the primitive's
     extra operands `extras`.
 
-    alibi_slopes float32 [b, h] comes first when there are slopes, then (forward only) the mask
-    as bits (pack_mask_bits) and the bias (float32, float16 or bfloat16), each in its own 4-D
+    alibi_slopes float32 [b, h] comes first when there are slopes, then the mask as bits
+    (pack_mask_bits) and (forward only) the bias (float32, float16 or bfloat16), each in its own 4-D
     shape broadcastable to [b, h, sq, sk] (the kernel reads broadcast dimensions with stride 0),
     then dropout_seed uint32 [b, 2] with dropout (the rate as a 16-bit threshold, see _dropout).
     Segment ids (and varlen's positions) become per-token intervals (see _kernel_ranges). With
@@ -152,11 +151,12 @@ def kernel_feature_arguments(config: FlashConfig, extras, seqlen_k: int, *, back
     attributes = dict(alibi=bool(config.has_alibi_slopes), causal=bool(config.causal),
                       window_left=np.int32(left), window_right=np.int32(right),
                       dropout_threshold=np.int32(rate_threshold(config.dropout_rate)))
+    attributes.update(mask=bool(config.has_mask))
     operands = (named["alibi_slopes"],) if config.has_alibi_slopes else ()
+    if config.has_mask:
+        operands += (pack_mask_bits(named["mask"], seqlen_k),)
     if not backward:
-        attributes.update(mask=bool(config.has_mask), bias=bool(config.has_bias))
-        if config.has_mask:
-            operands += (pack_mask_bits(named["mask"], seqlen_k),)
+        attributes.update(bias=bool(config.has_bias))
         if config.has_bias:
             bias = named["bias"]
             operands += (bias if bias.dtype in KERNEL_BIAS_DTYPES else bias.astype(jnp.float32),)

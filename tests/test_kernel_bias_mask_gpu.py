@@ -1,7 +1,7 @@
-"""mask and bias in the CUDA forward kernel (implementation="cuda"): out and lse, and the
-gradients dq, dk, dv and dbias that the XLA backward computes from the kernel's out and lse
-(implementation=None: the backward kernel has neither yet), against the float32 oracle with the
-same mask and bias, held to
+"""mask and bias in the CUDA kernels (implementation="cuda"): out and lse, and the gradients
+dq, dk, dv of the backward kernel with a mask; with a bias, dq, dk, dv and dbias of the XLA
+backward from the kernel's out and lse (implementation=None: the backward kernel takes no bias
+yet); against the float32 oracle with the same mask and bias, held to
 test_kernel_masks_gpu's rule (twice the error of the same dense computation in the inputs' dtype,
 plus the oracle's rounding to the result's dtype, SLACK and TINY; out within twice plus EPSILON,
 lse as tight as test_fwd_gpu's, -inf rows included); GPU only.
@@ -88,9 +88,10 @@ def _flash(q, k, v, mask, bias, slopes, q_ids, implementation="cuda", **options)
                                              "bias_grad"))
 def _flash_grads(q, k, v, mask, bias, slopes, q_ids, dout, dlse, *, bias_grad, **options):
     """(dq, dk, dv), and dbias when bias_grad, for cotangents dout and dlse: the forward kernel,
-    then the XLA backward."""
+    then the backward kernel (with a bias, the XLA backward)."""
     def attention(q, k, v, bias):
-        return _flash(q, k, v, mask, bias, slopes, q_ids, implementation=None, **options)
+        return _flash(q, k, v, mask, bias, slopes, q_ids,
+                      implementation="cuda" if bias is None else None, **options)
 
     if bias_grad:
         return jax.vjp(attention, q, k, v, bias)[1]((dout, dlse))
@@ -185,6 +186,8 @@ CASES = [
     ("bhqk_blocks", "1hqk_f32", True, (-1, -1), 0.0, 1025, 97, 128, "bf16", 2, 2, False),
     ("bhqk_random", None, False, (-1, -1), 30.0, 1025, 1, 64, "bf16", 2, 2, False),
     ("1hqk_blocks", "bhqk_bf16", True, (-1, -1), 0.0, 1025, 1025, 128, "bf16", 4, 2, True),
+    # deterministic: the backward kernel visits the tiles the mask hides too
+    ("bhqk_blocks", None, False, (-1, -1), 0.0, 1025, 1025, 64, "fp16", 2, 1, True),
 ]
 
 

@@ -139,21 +139,28 @@ def test_dropout_with_segment_ids(seed):
     _check(seed, q, k, v, rate=0.2, q_ids=q_ids, causal=True, window_size=(-1, -1), softcap=0.0)
 
 
-def test_dropout_with_a_mask_pairs_the_kernel_forward_with_the_xla_backward(seed):
-    """With a mask the forward runs on the kernel and the backward on the XLA path
-    (implementation=None): they draw the same dropout mask, so the gradients match the oracle."""
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dropout_with_a_mask(seed, with_bias):
+    """With a mask the kernels run both passes; with a bias too the forward runs on the kernel
+    and the backward on the XLA path (implementation=None). Either way the passes draw the same
+    dropout mask, so the gradients match the oracle."""
     require_kernel(64)
     batch, seqlen, heads, rate = 2, 300, 2, 0.2
     q, k, v = _inputs(seed, batch, seqlen, seqlen, heads, heads, 64, "bf16")
     mask = jnp.asarray(np.random.default_rng(seed).random((batch, 1, seqlen, seqlen)) < 0.8)
+    bias = (random_normal(seed + 3, (batch, 1, seqlen, seqlen), jnp.float32) if with_bias
+            else None)
     rng = jax.random.key(seed)
     keep = dense_keep_mask(rng, rate, batch=batch, heads=heads, seqlen_q=seqlen, seqlen_k=seqlen)
 
     def flash(q, k, v):
-        return jax_flash.flash_attention(q, k, v, mask=mask, dropout_rate=rate, dropout_rng=rng)
+        return jax_flash.flash_attention(q, k, v, mask=mask, bias=bias, dropout_rate=rate,
+                                         dropout_rng=rng,
+                                         implementation=None if with_bias else "cuda")
 
     def oracle(q, k, v):
-        return jax_flash.attention_reference(q, k, v, mask=mask, dropout_rate=quantize_rate(rate),
+        return jax_flash.attention_reference(q, k, v, mask=mask, bias=bias,
+                                             dropout_rate=quantize_rate(rate),
                                              dropout_keep=keep, compute_dtype=jnp.float32)[0]
 
     dout = random_normal(seed + 1, q.shape, jnp.float32)

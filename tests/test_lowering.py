@@ -221,10 +221,10 @@ def test_dropout_runs_on_the_kernels_with_its_seed_and_threshold(pretend_build):
     assert "dropout_threshold = 0 : i32" in plain
 
 
-def test_mask_and_bias_run_on_the_forward_kernel_in_their_own_shapes(pretend_build):
+def test_mask_and_bias_run_on_the_kernels_in_their_own_shapes(pretend_build):
     """mask and bias go to the forward kernel in the shapes given (broadcast dimensions stay 1):
-    the mask as bits (130 keys padded to 256: 8 words), the bias in its bfloat16. Their backward
-    takes the XLA path: no backward kernel call."""
+    the mask as bits (130 keys padded to 256: 8 words), the bias in its bfloat16. The mask's
+    backward runs on the kernel too; with a bias the backward takes the XLA path."""
     pretend_build(head_dims=(64,))
     x = jax.ShapeDtypeStruct((2, 130, 3, 64), jnp.bfloat16)
     mask = jax.ShapeDtypeStruct((2, 1, 1, 130), jnp.bool_)
@@ -238,20 +238,29 @@ def test_mask_and_bias_run_on_the_forward_kernel_in_their_own_shapes(pretend_bui
     assert "mask = true" in forward and "bias = true" in forward
     assert not _backward_calls(hlo)
 
+    grad = jax.jit(jax.grad(lambda q, k, v, mask: loss(q, k, v, mask, None)))
+    hlo = grad.trace(x, x, x, mask).lower(lowering_platforms=("cuda",)).as_text()
+    (forward,) = _kernel_calls(hlo)
+    (backward,) = _backward_calls(hlo)
+    assert _operand_types(forward)[3:] == ["tensor<2x1x1x8xui32>"]
+    assert _operand_types(backward)[6:] == ["tensor<2x1x1x8xui32>"]
+    for call in (forward, backward):
+        assert "mask = true" in call
 
-def test_cuda_implementation_names_the_backward_of_mask(pretend_build):
-    """implementation="cuda" runs a masked forward, but its gradient names what the backward
+
+def test_cuda_implementation_names_the_backward_of_bias(pretend_build):
+    """implementation="cuda" runs a forward with a bias, but its gradient names what the backward
     kernel lacks."""
     pretend_build(head_dims=(64,))
     x = jax.ShapeDtypeStruct((1, 9, 2, 64), jnp.bfloat16)
-    mask = jax.ShapeDtypeStruct((1, 1, 9, 9), jnp.bool_)
-    attention = lambda q, k, v, mask: jax_flash.flash_attention(q, k, v, mask=mask,
+    bias = jax.ShapeDtypeStruct((1, 1, 9, 9), jnp.float32)
+    attention = lambda q, k, v, bias: jax_flash.flash_attention(q, k, v, bias=bias,
                                                                 implementation="cuda")
-    assert _kernel_calls(jax.jit(attention).trace(x, x, x, mask).lower(
+    assert _kernel_calls(jax.jit(attention).trace(x, x, x, bias).lower(
         lowering_platforms=("cuda",)).as_text())
-    loss = lambda q, k, v, mask: jnp.sum(attention(q, k, v, mask).astype(jnp.float32))
-    with pytest.raises(ValueError, match="cannot run mask in the backward pass: "):
-        jax.jit(jax.grad(loss)).trace(x, x, x, mask).lower(lowering_platforms=("cuda",))
+    loss = lambda q, k, v, bias: jnp.sum(attention(q, k, v, bias).astype(jnp.float32))
+    with pytest.raises(ValueError, match="cannot run bias in the backward pass: "):
+        jax.jit(jax.grad(loss)).trace(x, x, x, bias).lower(lowering_platforms=("cuda",))
 
 
 def test_softcap_calls_the_kernels_with_its_attribute(pretend_build):
