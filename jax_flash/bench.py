@@ -4,7 +4,7 @@ timed in the same run.
     python -m jax_flash.bench [--out bench_results.json] [--passes fwd,fwd_bwd]
         [--head-dims 64,128,256] [--seqlens ...] [--impls flash,cudnn,xla]
         [--causal both|true|false] [--dtype bf16] [--kv-group G] [--window W] [--segments N]
-        [--softcap C] [--alibi] [--dropout P]
+        [--softcap C] [--alibi] [--dropout P] [--key-padding F]
         [--quick] [--max-seconds S] [--no-charts]
     python -m jax_flash.bench --charts-from bench_results.json   # redraw the charts only
     python -m jax_flash.bench --ring [--devices N]   # ring attention over the visible devices
@@ -25,6 +25,9 @@ scores at C·tanh(s / C) (Gemma 2); --alibi adds ALiBi biases with the usual slo
 2^(-8(h + 1) / heads); --dropout P drops each attention probability with probability P (the key
 is jax.random.key(DROPOUT_KEY_SEED), and the oracle applies the very mask jax-flash draws from it).
 jax.nn.dot_product_attention has none of these, so cuDNN and XLA skip those rows.
+--key-padding F hides the last F·seqlen keys of every row (padding) with a dense boolean
+[batch, 1, seqlen, seqlen] mask, the kind Flax builds, which every implementation takes as an
+argument; FLOPs count the visible pairs.
 
 --segments N (packed sequences) replaces each configuration of seqlen S by two: "packed", the same
 batch and seqlen with q_segment_ids cutting every row into N documents of S / N tokens, its FLOPs
@@ -115,6 +118,7 @@ class Shape:
     softcap: float = 0.0  # > 0: scores capped at softcap·tanh(s / softcap)
     alibi: bool = False  # ALiBi with alibi_slopes(num_heads)
     dropout: float = 0.0  # > 0: attention probabilities dropped at this rate
+    key_padding: float = 0.0  # > 0: this fraction of the keys, the last ones, hidden by a mask
 
     @property
     def num_kv_heads(self) -> int:
@@ -123,6 +127,11 @@ class Shape:
     @property
     def window_size(self) -> tuple[int, int]:
         return (self.window, self.window) if self.window >= 0 else (-1, -1)
+
+    @property
+    def visible_keys(self) -> int:
+        """Keys the padding mask leaves visible: the first ones, at least one."""
+        return max(1, self.seqlen - round(self.key_padding * self.seqlen))
 
     @property
     def alibi_slopes(self) -> np.ndarray | None:
@@ -167,7 +176,7 @@ def build_grid(args, backend: str) -> list[tuple[Shape, ...]]:
     (packed, dense equivalent)."""
     causal_modes = CAUSAL_MODES[args.causal]
     options = dict(kv_group=args.kv_group, window=args.window, softcap=args.softcap,
-                   alibi=args.alibi, dropout=args.dropout)
+                   alibi=args.alibi, dropout=args.dropout, key_padding=args.key_padding)
     if backend == "gpu":
         head_dims = args.head_dims or PAPER_HEAD_DIMS
         seqlens = args.seqlens or (QUICK_SEQLENS if args.quick else PAPER_SEQLENS)
@@ -183,8 +192,12 @@ def build_grid(args, backend: str) -> list[tuple[Shape, ...]]:
         raise SystemExit(f"--softcap must be positive (or 0: off), not {args.softcap}")
     if not 0 <= args.dropout < 1:
         raise SystemExit(f"--dropout must be in [0, 1) (0: off), not {args.dropout}")
+    if not 0 <= args.key_padding < 1:
+        raise SystemExit(f"--key-padding must be in [0, 1) (0: off), not {args.key_padding}")
     if args.segments < 1:
         raise SystemExit(f"--segments must be 1 (off) or more, not {args.segments}")
+    if args.segments > 1 and args.key_padding:
+        raise SystemExit("--key-padding and --segments do not combine")
     if args.segments == 1:
         return [(shape,) for shape in grid]
     return [packed_group(shape, args.segments) for shape in grid]
@@ -203,9 +216,10 @@ def packed_group(shape: Shape, segments: int) -> tuple[Shape, Shape]:
 
 
 def visible_pairs(shape: Shape) -> int:
-    """(query, key) pairs that causal, the window and the segments leave visible, per (batch,
-    head). A query sees keys of its own segment only, and causal and the window are relative to
-    the diagonal, so each segment leaves what a row of its own length would."""
+    """(query, key) pairs that causal, the window, the segments and the key padding leave
+    visible, per (batch, head). A query sees keys of its own segment only, and causal and the
+    window are relative to the diagonal, so each segment leaves what a row of its own length
+    would."""
     length = shape.seqlen // shape.segments
     rows = np.arange(length)
     left, right = shape.window_size
@@ -213,13 +227,14 @@ def visible_pairs(shape: Shape) -> int:
         right = 0
     first = np.maximum(rows - left, 0) if left >= 0 else np.zeros_like(rows)
     last = np.minimum(rows + right, length - 1) if right >= 0 else np.full_like(rows, length - 1)
-    return shape.segments * int(np.sum(last - first + 1))
+    last = np.minimum(last, shape.visible_keys - 1)
+    return shape.segments * int(np.sum(np.maximum(last - first + 1, 0)))
 
 
 def forward_flops(shape: Shape) -> float:
     """Two matmuls of 2·seqlen²·head_dim per (batch, head); causal counts exactly half (as
     FlashAttention reports), a window or segments the pairs they leave visible."""
-    if shape.window >= 0 or shape.segments > 1:
+    if shape.window >= 0 or shape.segments > 1 or shape.key_padding:
         pairs = visible_pairs(shape)
     else:
         pairs = shape.seqlen ** 2 / (2 if shape.causal else 1)
@@ -233,8 +248,8 @@ def pass_flops(shape: Shape, pass_: str) -> float:
 # --- The implementations ----------------------------------------------------------------------
 
 def attention_fn(impl: str, shape: Shape, softmax_scale: float, backend: str):
-    """(q, k, v) -> out for `impl`, (q, k, v, q_segment_ids) -> out with segments, and the path
-    it takes ("cuda", "cudnn" or "xla")."""
+    """(q, k, v) -> out for `impl`, (q, k, v, q_segment_ids) -> out with segments,
+    (q, k, v, mask) -> out with key padding, and the path it takes ("cuda", "cudnn" or "xla")."""
     if impl in ("flash", "flash_xla"):
         # "cuda", not None: a row labelled cuda must fail rather than fall back to XLA.
         path = "cuda" if impl == "flash" and backend == "gpu" else "xla"
@@ -246,17 +261,20 @@ def attention_fn(impl: str, shape: Shape, softmax_scale: float, backend: str):
                                else None)
         if shape.segments > 1:
             return (lambda q, k, v, ids: fn(q, k, v, q_segment_ids=ids)), path
-        return fn, path
-    window = shape.window_size if shape.window >= 0 else None
-    fn = functools.partial(jax.nn.dot_product_attention, is_causal=shape.causal,
-                           scale=softmax_scale, implementation=impl, local_window_size=window)
-    return fn, impl
+    else:
+        window = shape.window_size if shape.window >= 0 else None
+        fn = functools.partial(jax.nn.dot_product_attention, is_causal=shape.causal,
+                               scale=softmax_scale, implementation=impl, local_window_size=window)
+        path = impl
+    if shape.key_padding:
+        return (lambda q, k, v, mask: fn(q, k, v, mask=mask)), path
+    return fn, path
 
 
 def pass_fn(pass_: str, attention):
     """The function a pass times. It returns a tuple whose leading entries the oracle checks:
     (out,) for fwd; (dq, dk, dv, loss) for fwd_bwd, whose inputs carry dout after q, k and v.
-    Any further inputs (the segment ids) go to `attention` after q, k and v: as arguments, not
+    Any further inputs (segment ids, the mask) go to `attention` after q, k and v: as arguments, not
     constants, so that XLA cannot fold their preprocessing out of the timed call."""
     if pass_ == "fwd":
         return lambda q, k, v, *ids: (attention(q, k, v, *ids),)
@@ -327,6 +345,15 @@ def time_per_call(fn, input_sets, settings: TimingSettings) -> tuple[float, int]
     return statistics.median(per_call), calls
 
 
+def padding_mask(shape: Shape) -> jax.Array | None:
+    """bool [batch, 1, seqlen, seqlen]: True where the key is one of the first visible_keys; None
+    without key padding."""
+    if not shape.key_padding:
+        return None
+    keys = np.arange(shape.seqlen) < shape.visible_keys
+    return jnp.asarray(np.broadcast_to(keys, (shape.batch, 1, shape.seqlen, shape.seqlen)))
+
+
 def segment_ids(shape: Shape) -> jax.Array | None:
     """int32 [batch, seqlen] q_segment_ids: document i holds tokens [i·L, (i + 1)·L) of every
     row, L = seqlen / segments; None without segments."""
@@ -381,7 +408,7 @@ _REFERENCES = {
 def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale: float,
                       window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                       alibi_slopes=None, q_segment_ids=None, dropout_rate: float = 0.0,
-                      dropout_seed=None) -> list[np.ndarray]:
+                      dropout_seed=None, visible_keys: int | None = None) -> list[np.ndarray]:
     """The float32 oracle's (out,) or (dq, dk, dv), computed on the host CPU (apart from the device
     under test, and with no autotuning per shape), REFERENCE_CHUNK query rows at a time to bound
     its memory. The loss is a sum over query rows, so the chunks' gradients add up to the whole's.
@@ -394,7 +421,8 @@ def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale:
     q_segment_ids [batch, seqlen] (kv's are the same) are cut along with the queries and keys.
     With dropout_rate > 0, dropout_seed (uint32 [batch, 2]: dropout_seed(rng, full batch)'s rows
     of the sliced batch elements) gives each chunk the part of the mask flash_attention draws for
-    the whole problem (the sliced heads must be its first ones).
+    the whole problem (the sliced heads must be its first ones). visible_keys: only the first
+    this many keys are visible (key padding).
     """
     cpu = jax.devices("cpu")[0]
     q, k, v, dout = (jax.device_put(x, cpu).astype(jnp.float32) for x in (q, k, v, dout))
@@ -412,7 +440,8 @@ def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale:
                                                     kv_segment_ids=q_segment_ids[:, :keys])
         parts = oracle(q[:, start:stop], k[:, :keys], v[:, :keys], dout[:, start:stop],
                        causal=causal, softmax_scale=softmax_scale, window_size=(-1, -1),
-                       softcap=softcap, mask=_window_mask(window_size, start, stop, keys),
+                       softcap=softcap,
+                       mask=_window_mask(window_size, start, stop, keys, visible_keys),
                        bias=_alibi_bias(alibi_slopes, start, stop, keys),
                        dropout_rate=_dropout.quantize_rate(dropout_rate),
                        dropout_keep=_dropout_keep(dropout_seed, dropout_rate, seqlen, q.shape[2],
@@ -450,14 +479,16 @@ def _dropout_keep(seed, rate: float, seqlen: int, heads: int, start: int, stop: 
     return keep.reshape(seed.shape[0], heads, stop - start, keys)
 
 
-def _window_mask(window_size, start: int, stop: int, keys: int) -> np.ndarray | None:
+def _window_mask(window_size, start: int, stop: int, keys: int,
+                 visible_keys: int | None = None) -> np.ndarray | None:
     """[stop − start, keys] True where query start + i sees key j under window_size (square
-    shapes: the diagonal is j = i); None without a window."""
+    shapes: the diagonal is j = i) and j < visible_keys; None without a window or padding."""
     left, right = window_size
-    if (left, right) == (-1, -1):
+    if (left, right) == (-1, -1) and visible_keys is None:
         return None
     rows, cols = np.arange(start, stop)[:, None], np.arange(keys)[None, :]
-    visible = np.ones((stop - start, keys), bool)
+    visible = np.broadcast_to(cols < (keys if visible_keys is None else visible_keys),
+                              (stop - start, keys)).copy()
     if left >= 0:
         visible &= cols >= rows - left
     if right >= 0:
@@ -483,7 +514,8 @@ def bench_shape(shape: Shape, impls, passes, settings: TimingSettings, backend: 
     input_sets = [random_inputs(shape, part) for part in jax.random.split(key, INPUT_SETS)]
     dout = random_cotangent(shape, jax.random.fold_in(key, INPUT_SETS))
     ids = segment_ids(shape)
-    extra = () if ids is None else (ids,)  # what attention takes after q, k and v
+    # What attention takes after q, k and v: segment ids or the padding mask.
+    extra = tuple(x for x in (ids, padding_mask(shape)) if x is not None)
     # flash_attention draws one seed per element of the whole batch; the oracle's slice takes its
     # elements' seeds.
     seed = (_dropout.dropout_seed(jax.random.key(DROPOUT_KEY_SEED), shape.batch)[:ERROR_BATCH]
@@ -506,7 +538,9 @@ def bench_shape(shape: Shape, impls, passes, settings: TimingSettings, backend: 
                                           shape.alibi_slopes[:sliced[0].shape[2]],
                                           q_segment_ids=None if ids is None else
                                           ids[:ERROR_BATCH],
-                                          dropout_rate=shape.dropout, dropout_seed=seed)
+                                          dropout_rate=shape.dropout, dropout_seed=seed,
+                                          visible_keys=shape.visible_keys
+                                          if shape.key_padding else None)
         for impl in impls:
             row = {"impl": impl, "pass": pass_, **dataclasses.asdict(shape)}
             if reasons[impl]:
@@ -645,6 +679,9 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--dropout", type=float, default=0.0, metavar="P",
                         help="drop each attention probability with probability P in [0, 1) "
                              "(default 0: off)")
+    parser.add_argument("--key-padding", type=float, default=0.0, metavar="F",
+                        help="hide the last F·seqlen keys with a dense [batch, 1, seqlen, seqlen] "
+                             "mask (0: off)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer seqlens and shorter timing, for a first look")
     parser.add_argument("--xla-max-seqlen", type=int, default=DEFAULT_XLA_MAX_SEQLEN,
@@ -716,8 +753,9 @@ def main(argv=None) -> None:
 
 
 def run_ring(args, argv, backend: str, settings: TimingSettings) -> None:
-    if args.segments != 1:
-        raise SystemExit("--segments is not a --ring option")
+    for flag, value in (("--segments", args.segments != 1), ("--key-padding", args.key_padding)):
+        if value:
+            raise SystemExit(f"{flag} is not a --ring option")
     devices = jax.devices()[:args.devices]
     gpu = backend == "gpu"
     shapes = _bench_ring.ring_shapes(

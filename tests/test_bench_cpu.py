@@ -227,6 +227,42 @@ def test_bad_dropout_exits_clearly(tmp_path, rate):
     assert not (tmp_path / "bad.json").exists()
 
 
+def test_key_padding_flops_count_the_visible_pairs():
+    # 37 keys, 0.3 of them padding: the first 26 visible; causal rows see min(i + 1, 26) keys.
+    seqlen = 37
+    i, j = np.arange(seqlen)[:, None], np.arange(seqlen)[None, :]
+    for causal in (False, True):
+        visible = (j < 26) & ((j <= i) if causal else (i >= 0))
+        shape = bench.Shape(batch=3, seqlen=seqlen, num_heads=2, head_dim=16, causal=causal,
+                            dtype="bf16", key_padding=0.3)
+        assert shape.visible_keys == 26
+        assert bench.visible_pairs(shape) == visible.sum()
+        assert bench.forward_flops(shape) == 4 * 3 * 2 * 16 * visible.sum()
+        assert np.array_equal(np.asarray(bench.padding_mask(shape))[2, 0], np.broadcast_to(
+            j < 26, (seqlen, seqlen)))
+
+
+def test_key_padding_rows(tmp_path, monkeypatch):
+    # Every implementation takes the mask; each row meets the oracle with the keys hidden.
+    monkeypatch.setattr(bench, "QUICK_TIMING", bench.TimingSettings(1, 1, 0.0))
+    out = tmp_path / "padding.json"
+    bench.main(["--out", str(out), "--no-charts", "--impls", "flash,xla", "--key-padding", "0.25",
+                *TINY])
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["impl"] for row in rows} == {"flash", "xla"}
+    for row in rows:
+        assert row["key_padding"] == 0.25
+        assert row["status"] == "ok" and 0 < row["rel_err"] < 2e-2, row
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--key-padding", "1.0"], "--key-padding must be in [0, 1) (0: off), not 1.0"),
+    (["--key-padding", "0.5", "--segments", "2"], "--key-padding and --segments do not combine")])
+def test_bad_key_padding_exits_clearly(tmp_path, args, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        bench.main(["--out", str(tmp_path / "bad.json"), *args, *TINY])
+
+
 def test_max_seconds_skips_what_is_left(tmp_path):
     out = tmp_path / "late.json"
     bench.main(["--out", str(out), "--max-seconds", "0", "--no-charts", *TINY])
