@@ -25,15 +25,16 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                         ffi::Result<ffi::AnyBuffer> dk_result,
                         ffi::Result<ffi::AnyBuffer> dv_result, ffi::ResultBuffer<ffi::F32> dq_accum_result,
                         ffi::ResultBuffer<ffi::S32> dq_semaphore_result,
-                        ffi::ResultBuffer<ffi::F32> dalibi_partial_result, float softmax_scale, float softcap,
-                        bool alibi, bool mask, bool causal, int32_t window_left, int32_t window_right, bool deterministic,
-                        int32_t dropout_threshold) {
+                        ffi::ResultBuffer<ffi::F32> dalibi_partial_result, ffi::ResultBuffer<ffi::F32> dbias_result,
+                        float softmax_scale, float softcap, bool alibi, bool mask, bool bias, bool causal,
+                        int32_t window_left, int32_t window_right, bool deterministic, int32_t dropout_threshold) {
   const ffi::AnyBuffer dq = *dq_result;
   const ffi::Buffer<ffi::F32> dq_accum = *dq_accum_result;
   const ffi::AnyBuffer dk = *dk_result;
   const ffi::AnyBuffer dv = *dv_result;
   const ffi::Buffer<ffi::S32> dq_semaphore = *dq_semaphore_result;
   const ffi::Buffer<ffi::F32> dalibi_partial = *dalibi_partial_result;
+  const ffi::Buffer<ffi::F32> dbias = *dbias_result;
   if (ffi::Error error = CheckQkv(kTarget, q, k, v); error.failure()) return error;
   if (ffi::Error error = CheckSoftcap(kTarget, softcap); error.failure()) return error;
   const auto q_dims = q.dimensions();
@@ -69,8 +70,16 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   if (ffi::Error error = SetAlibiSlopes(kTarget, extras, alibi, params.fwd, ranges_begin); error.failure()) {
     return error;
   }
-  if (ffi::Error error = SetMaskAndBias(kTarget, extras, mask, false, params.fwd, ranges_begin); error.failure()) {
+  if (ffi::Error error = SetMaskAndBias(kTarget, extras, mask, bias, params.fwd, ranges_begin); error.failure()) {
     return error;
+  }
+  if (bias) {
+    const auto bias_dims = extras.get<ffi::AnyBuffer>(ranges_begin - 1)->dimensions();
+    FLASH_CHECK(kTarget, dbias.dimensions().size() == 4 && std::equal(bias_dims.begin(), bias_dims.end(),
+                                                                      dbias.dimensions().begin()),
+                dbias, "the bias's shape");
+  } else {
+    FLASH_CHECK(kTarget, HasShape(dbias, {0}), dbias, "[0] without a bias");
   }
   if (ffi::Error error = SetDropout(kTarget, extras, dropout_threshold, params.fwd, ranges_begin); error.failure()) {
     return error;
@@ -88,6 +97,7 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   params.dkv_batch_stride = seqlen_k * num_heads * head_dim;
   params.dq_semaphore = deterministic ? dq_semaphore.typed_data() : nullptr;
   params.dalibi_partial = alibi ? dalibi_partial.typed_data() : nullptr;
+  params.dbias = bias ? dbias.typed_data() : nullptr;
 
   const std::string context = std::string(kTarget) + " (" + Describe("q", q) + ", " + Describe("k", k) +
                               ", causal=" + (causal ? "true" : "false") + ")";
@@ -98,6 +108,7 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   if (status == cudaSuccess && alibi) {
     status = cudaMemsetAsync(dalibi_partial.untyped_data(), 0, dalibi_partial.size_bytes(), stream);
   }
+  if (status == cudaSuccess && bias) status = cudaMemsetAsync(dbias.untyped_data(), 0, dbias.size_bytes(), stream);
   if (status == cudaSuccess) status = run_flash_bwd(params, stream);
   return CudaStatusToError(status, context);
 }
@@ -114,9 +125,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBwd, jax_flash::FlashBwdImpl,
                                   .Arg<xla::ffi::AnyBuffer>()  // dout [b, sq, h, d], dtype of q
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // lse [b, h, sq]
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // delta [b, h, sq]
-                                  // alibi_slopes (F32 [b, h]) with alibi, the mask's bits (as the
-                                  // forward's) with mask, dropout_seed (U32 [b, 2]) with dropout,
-                                  // then none, or row_ranges, key_ranges, kv_segment_ids (S32)
+                                  // alibi_slopes (F32 [b, h]) with alibi, the mask's bits and the
+                                  // bias (as the forward's) with mask and bias, dropout_seed
+                                  // (U32 [b, 2]) with dropout, then none, or row_ranges,
+                                  // key_ranges, kv_segment_ids (S32)
                                   .RemainingArgs()
                                   .Ret<xla::ffi::AnyBuffer>()  // dq [b, sq, h, d], dtype of q
                                   .Ret<xla::ffi::AnyBuffer>()  // dk [b, sk, h, d], dtype of q
@@ -125,10 +137,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBwd, jax_flash::FlashBwdImpl,
                                   .Ret<xla::ffi::Buffer<xla::ffi::S32>>()  // dq_semaphore
                                   // dalibi_partial [b, h, ceil(sk / 64)] with alibi, else [b, h, 0]
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  // dbias, F32 in the bias's shape with bias, else [0]
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Attr<float>("softmax_scale")  // logits = scale * q.k
                                   .Attr<float>("softcap")        // > 0: logits = c * tanh(logits / c)
                                   .Attr<bool>("alibi")           // logits -= slope * |i + sk - sq - j|
                                   .Attr<bool>("mask")            // hide keys where the mask is false
+                                  .Attr<bool>("bias")            // logits += bias
                                   .Attr<bool>("causal")          // mask j > i + sk - sq
                                   .Attr<int32_t>("window_left")  // mask j < i + sk - sq - left
                                   .Attr<int32_t>("window_right")  // mask j > i + sk - sq + right

@@ -231,7 +231,12 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
 
     Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});   // (MMA, MMA_M, MMA_N)
     Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
-    clear(acc_s);
+    if (p.bias.data != nullptr) {  // q·kᵀ accumulates onto the bias, as in the forward
+      Tensor bias_scores = acc_rowcol(acc_s);
+      fill_with_bias(bias_scores, coords_s, p, batch, head, m_block * kBlockM, n_block * kBlockN);
+    } else {
+      clear(acc_s);
+    }
     clear(acc_dp);
     gemm_smem_smem(acc_s, tSrQ, tSrK, ldsm_a_sdp.get_thread_slice(thread_idx).partition_S(sQ), tSsK, mma_sdp,
                    ldsm_a_sdp, ldsm_b_sdp, thread_idx);
@@ -282,7 +287,8 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
       }
       if (decltype(score_mods)::value && p.alibi_slopes != nullptr) dalibi_sums.add(dalibi);
     };
-    if (p.softcap > 0.f || p.alibi_slopes != nullptr || p.dropout.seed != nullptr || p.mask.bits != nullptr) {
+    if (p.softcap > 0.f || p.alibi_slopes != nullptr || p.dropout.seed != nullptr || p.mask.bits != nullptr ||
+        p.bias.data != nullptr) {
       // The mask here, not next to the band's: in the plain form its code made ptxas spill.
       if (p.mask.bits != nullptr) {
         apply_mask_bits<kBlockN>(scores, coords_s, p, batch, head, m_block * kBlockM, n_block * kBlockN);
@@ -306,6 +312,9 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
     if constexpr (Traits::kBulkDq) dq_staging.wait_read();  // a no-op but in the issuing thread
 #endif
     __syncthreads();  // P and dS visible to every warp (and the dQ staging tile free)
+    if (params.dbias != nullptr) {
+      add_bias_grad<kBlockM, kBlockN, Traits::kNThreads>(sdS, params, batch, head, m_block * kBlockM, n_block * kBlockN);
+    }
 
     // dQ = dS·K, added into dq_accum. Deterministic mode: key tiles add into this query tile one
     // at a time, in key-tile order; key tile n waits only for key tiles < n of the same

@@ -117,12 +117,18 @@ cudaError_t run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
   const FlashFwdParams& p = params.fwd;
   if (!params_are_valid(p) || !params.dout || !params.delta || !params.dq || !params.dq_accum || !params.dk ||
       !params.dv || (p.row_ranges && !p.key_ranges) || (p.alibi_slopes && !params.dalibi_partial) ||
-      p.bias.data) {
+      (p.bias.data && !params.dbias)) {
     return cudaErrorInvalidValue;
   }
+  // Several threads add into one dbias element where the bias broadcasts (over the whole batch,
+  // not each slice's).
+  const BiasOperand& b = p.bias;
+  const bool dbias_atomic = (p.batch > 1 && b.batch_stride == 0) || (p.num_heads > 1 && b.head_stride == 0) ||
+                            (p.seqlen_q > 1 && b.row_stride == 0) || (p.seqlen_k > 1 && b.col_stride == 0);
   const int64_t semaphore_counters = (p.seqlen_q + kDqSemaphoreRowsPerCounter - 1) / kDqSemaphoreRowsPerCounter;
   return over_batch_slices(p.batch, [&](int64_t first, int count) {
     FlashBwdParams slice = params;
+    slice.dbias_atomic = dbias_atomic;
     slice.fwd = fwd_batch_slice(p, first, count);
     slice.dout = static_cast<const char*>(params.dout) + first * p.out_batch_stride * kElementBytes;
     slice.delta = params.delta + first * p.num_heads * p.seqlen_q;
@@ -131,6 +137,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
     slice.dk = static_cast<char*>(params.dk) + first * params.dkv_batch_stride * kElementBytes;
     slice.dv = static_cast<char*>(params.dv) + first * params.dkv_batch_stride * kElementBytes;
     if (params.dq_semaphore) slice.dq_semaphore = params.dq_semaphore + first * p.num_heads * semaphore_counters;
+    if (params.dbias) slice.dbias = params.dbias + first * p.bias.batch_stride;
     if (params.dalibi_partial) {
       slice.dalibi_partial = params.dalibi_partial + first * p.num_heads * alibi_partials(p.seqlen_k);
     }

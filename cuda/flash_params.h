@@ -85,9 +85,9 @@ struct FlashFwdParams {
   // and key j get −slope·|i + seqlen_k − seqlen_q − j| (after the cap, before the masks).
   const float* alibi_slopes;
 
-  // Keys where mask is false are hidden; bias (forward only) is added to the logits (not with
-  // softcap), before the masks. The forward skips the tiles the mask hides entirely, and so does
-  // the backward but in deterministic mode.
+  // Keys where mask is false are hidden; bias is added to the logits (not with softcap), before
+  // the masks. The forward skips the tiles the mask hides entirely, and so does the backward but
+  // in deterministic mode.
   PackedMask mask;
   BiasOperand bias;
   DropoutOperand dropout;
@@ -122,6 +122,11 @@ struct FlashBwdParams {
   // (dS the gradient of the logits), one write per CTA in a fixed order, so deterministic. Key
   // tiles wider than kAlibiPartialKeys leave the entries past theirs at 0. nullptr without ALiBi.
   float* dalibi_partial;
+  // With a bias: float32 in the bias's shape (fwd.bias's strides), zero-filled by the caller, gets
+  // the bias's gradient Σ dS over its broadcast dimensions (atomically where it broadcasts, so
+  // not deterministic then). nullptr without a bias.
+  float* dbias;
+  bool dbias_atomic;  // derived by run_flash_bwd (callers leave it): the bias broadcasts
 };
 
 // Keys per dalibi_partial entry: the narrowest backward key tile.

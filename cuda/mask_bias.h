@@ -1,7 +1,8 @@
 // A boolean mask (as bits, see PackedMask) and an additive bias (see BiasOperand), each
 // broadcastable to [batch, num_heads, seqlen_q, seqlen_k], read tile by tile where the kernels
-// form the scores (the backward reads the mask only). The score registers hold logits / logit_scale, so a bias b adds
-// b / logit_scale there. Not with softcap: the bias goes into q·kᵀ before the cap would apply.
+// form the scores; and the bias's gradient, which the backward writes. The score registers hold
+// logits / logit_scale, so a bias b adds b / logit_scale there. Not with softcap: the bias goes
+// into q·kᵀ before the cap would apply.
 #pragma once
 
 #include <cmath>
@@ -51,6 +52,39 @@ __forceinline__ __device__ void fill_with_bias(Scores& scores, const Coords& coo
     case BiasDType::kBFloat16:
       return fill_with_bias<__nv_bfloat16>(scores, coords, params, batch, head, first_row, first_col);
     default: return fill_with_bias<float>(scores, coords, params, batch, head, first_row, first_col);
+  }
+}
+
+// Adds a tile of dS (the gradient of the logits) into params.dbias, float32 in the bias's shape
+// and strides, zeroed by the caller. It reads the 16-bit copy of dS in shared memory (kBlockM ×
+// kBlockN at first_row, first_col) after the backward's barrier, when the score registers are
+// free: from registers, ptxas spilled in the plain backward too. Each element has one owner
+// unless the bias broadcasts: then atomics, a bias broadcast over rows summed over the tile's
+// rows first.
+template <int kBlockM, int kBlockN, int kNThreads, typename SmemTile>
+__forceinline__ __device__ void add_bias_grad(const SmemTile& ds, const FlashBwdParams& params, int batch, int head,
+                                              int first_row, int first_col) {
+  const FlashFwdParams& p = params.fwd;
+  const BiasOperand& bias = p.bias;
+  float* grads = params.dbias + batch * bias.batch_stride + head * bias.head_stride;
+  const int rows = min(kBlockM, p.seqlen_q - first_row), cols = min(kBlockN, p.seqlen_k - first_col);
+  if (bias.row_stride == 0) {
+    for (int c = threadIdx.x; c < cols; c += kNThreads) {
+      float sum = 0.f;
+      for (int r = 0; r < rows; ++r) sum += float(ds(r, c));
+      atomicAdd(grads + (first_col + c) * bias.col_stride, sum);
+    }
+    return;
+  }
+  for (int e = threadIdx.x; e < rows * kBlockN; e += kNThreads) {
+    const int r = e / kBlockN, c = e % kBlockN;
+    if (c >= cols) continue;
+    float* grad = grads + (first_row + r) * bias.row_stride + (first_col + c) * bias.col_stride;
+    if (params.dbias_atomic) {
+      atomicAdd(grad, float(ds(r, c)));
+    } else {
+      *grad = float(ds(r, c));
+    }
   }
 }
 

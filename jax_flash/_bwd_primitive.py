@@ -11,21 +11,21 @@
 
 On the CUDA platform it lowers to the kernel's FFI target when the kernel can run (the same
 choice as the forward's, see _kernel_choice), otherwise (and on every other platform) to the
-blockwise XLA backward (also for a bias, which only the forward kernel runs). The FFI contract
-of the kernel:
+blockwise XLA backward. The FFI contract of the kernel:
 
   target  "jax_flash_bwd"
   operands q, k, v, dout (all float16 or all bfloat16, d one of the compiled head dims),
            lse float32 [b, h, sq], delta float32 [b, h, sq] = rowsum(dout ∘ out) − dlse; then
-           alibi_slopes float32 [b, h] when alibi, the mask's bits (as the forward's) when mask,
-           dropout_seed uint32 [b, 2] when dropout_threshold > 0, then the packed-sequence
-           ranges when any
+           alibi_slopes float32 [b, h] when alibi, the mask's bits and the bias when mask and
+           bias (as the forward's), dropout_seed uint32 [b, 2] when dropout_threshold > 0, then
+           the packed-sequence ranges when any
   results  dq [b, sq, h, d], dk and dv [b, sk, h, d], all in q's dtype, dk and dv one per query
            head (XLA sums each group of hk's to [b, sk, hk, d]); the kernel's workspaces
            dq_accum float32 [b, h, sq rounded up to a multiple of 128, d] and
            dq_semaphore int32 [b, h, ceil(sq / 16)]; dalibi_partial float32
-           [b, h, ceil(sk / 64)] when alibi, else [b, h, 0], which XLA sums to dalibi_slopes
-  attrs    softmax_scale (f32), softcap (f32, 0: off), alibi, mask, causal (bool), window_left
+           [b, h, ceil(sk / 64)] when alibi, else [b, h, 0], which XLA sums to dalibi_slopes;
+           dbias float32 in the bias's shape when bias, else [0]
+  attrs    softmax_scale (f32), softcap (f32, 0: off), alibi, mask, bias, causal (bool), window_left
            and window_right (i32, -1: unbounded), deterministic (bool), dropout_threshold (i32,
            as the forward's)
 """
@@ -109,8 +109,9 @@ _ALIBI_PARTIAL_KEYS = 64
 def _kernel_backward(q, k, v, out, lse, dout, dlse, *extras, config: FlashConfig,
                      kernel_head_dim: int):
     """delta in XLA (one fused pass over out and dout), the kernel on zero-padded operands, then
-    dk and dv summed over each group of query heads and the padding sliced off; dalibi_slopes
-    (with ALiBi) the sum of the kernel's per-key-tile partials."""
+    dk and dv summed over each group of query heads and the padding sliced off; dbias (with a
+    bias) cast to the bias's dtype; dalibi_slopes (with ALiBi) the sum of the kernel's
+    per-key-tile partials."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     rowsum = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)  # [b, sq, h]
@@ -119,6 +120,7 @@ def _kernel_backward(q, k, v, out, lse, dout, dlse, *extras, config: FlashConfig
     counters = -(-seqlen_q // _DQ_SEMAPHORE_ROWS)
     accum_rows = -(-seqlen_q // _DQ_ACCUM_ROWS_MULTIPLE) * _DQ_ACCUM_ROWS_MULTIPLE
     alibi_partials = -(-seqlen_k // _ALIBI_PARTIAL_KEYS) if config.has_alibi_slopes else 0
+    bias = dict(zip(config.extra_operand_names(), extras)).get("bias")
     result_types = (
         jax.ShapeDtypeStruct(q.shape, q.dtype),                             # dq
         jax.ShapeDtypeStruct((batch, seqlen_k, heads, kernel_head_dim), k.dtype),  # dk
@@ -126,17 +128,20 @@ def _kernel_backward(q, k, v, out, lse, dout, dlse, *extras, config: FlashConfig
         jax.ShapeDtypeStruct((batch, heads, accum_rows, kernel_head_dim), jnp.float32),  # dq_accum
         jax.ShapeDtypeStruct((batch, heads, counters), jnp.int32),          # dq_semaphore
         jax.ShapeDtypeStruct((batch, heads, alibi_partials), jnp.float32),  # dalibi_partial
+        jax.ShapeDtypeStruct((0,) if bias is None else bias.shape, jnp.float32),  # dbias
     )
     attributes, operands = kernel_feature_arguments(config, extras, k.shape[1], backward=True)
-    dq, dk, dv, _, _, dalibi_partial = jax.ffi.ffi_call(_extension.BWD_TARGET, result_types)(
+    dq, dk, dv, _, _, dalibi_partial, dbias = jax.ffi.ffi_call(_extension.BWD_TARGET, result_types)(
         q, k, v, dout, lse, delta, *operands,
         softmax_scale=np.float32(config.softmax_scale), softcap=np.float32(config.softcap),
         deterministic=bool(config.deterministic), **attributes)
     dq = dq[..., :head_dim]
-    dk, dv = (_sum_groups(x[..., :head_dim], kv_heads) for x in (dk, dv))
+    grads = [dq, *(_sum_groups(x[..., :head_dim], kv_heads) for x in (dk, dv))]
+    if bias is not None:
+        grads.append(dbias.astype(bias.dtype))
     if config.has_alibi_slopes:
-        return dq, dk, dv, jnp.sum(dalibi_partial, axis=-1)
-    return dq, dk, dv
+        grads.append(jnp.sum(dalibi_partial, axis=-1))
+    return tuple(grads)
 
 
 def _sum_groups(x, kv_heads: int):
@@ -149,8 +154,19 @@ def _sum_groups(x, kv_heads: int):
     return jnp.sum(grouped.astype(jnp.float32), axis=3).astype(x.dtype)
 
 
+def _broadcast_bias(avals_in, config: FlashConfig) -> bool:
+    """Whether the bias (if any) has a dimension of size 1 that broadcasts."""
+    if not config.has_bias:
+        return False
+    q, k = avals_in[:2]
+    full = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    bias = avals_in[7 + config.extra_operand_names().index("bias")]
+    return any(size == 1 < whole for size, whole in zip(bias.shape, full))
+
+
 def _cuda_lowering(ctx, *operands, config: FlashConfig):
-    kernel_head_dim = kernel_head_dim_for(ctx.avals_in[0], config, backward=True)
+    kernel_head_dim = kernel_head_dim_for(ctx.avals_in[0], config, backward=True,
+                                          broadcast_bias=_broadcast_bias(ctx.avals_in, config))
     if kernel_head_dim is None:
         return _lower_blockwise(ctx, *operands, config=config)
     kernel = functools.partial(_kernel_backward, config=config, kernel_head_dim=kernel_head_dim)

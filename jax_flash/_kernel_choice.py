@@ -3,12 +3,12 @@ backward primitives: the implementation asked for, the features, the dtype, this
 the head dim.
 
 The kernels run plain and causal attention, grouped-query attention, sliding windows, softcap,
-ALiBi, dropout, mask, segment ids and flash_attention_varlen (and sinks, which flash_attention
-applies around them); the forward kernel also runs bias, whose backward takes the XLA path (on
-the forward's out and lse, with the same dropout mask). ALiBi with varlen's positions takes the
-XLA path (its distances are per sequence), and so does bias with softcap (the kernel adds the
-bias before the cap). implementation="cuda" raises where a pass cannot run on the kernels, naming
-the features.
+ALiBi, dropout, mask, bias, segment ids and flash_attention_varlen (and sinks, which
+flash_attention applies around them). ALiBi with varlen's positions takes the XLA path (its
+distances are per sequence), and so does bias with softcap (the kernel adds the bias before the
+cap); so does the deterministic backward of a bias that broadcasts (the kernel adds its gradient
+atomically). implementation="cuda" raises where a pass cannot run on the kernels, naming the
+features.
 """
 
 import functools
@@ -63,10 +63,11 @@ KERNEL_FEATURES = ("window_size", "softcap", "alibi_slopes", "mask", "bias", "dr
 KERNEL_BIAS_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
-def _missing_features(config: FlashConfig, backward: bool) -> tuple[str, ...]:
+def _missing_features(config: FlashConfig, backward: bool,
+                      broadcast_bias: bool) -> tuple[str, ...]:
     missing = [f for f in config.features() if f not in KERNEL_FEATURES]
-    if backward:
-        missing += ["bias in the backward pass"] * config.has_bias
+    if backward and config.deterministic and broadcast_bias:
+        missing.append("deterministic=True with a bias that broadcasts (its gradient)")
     # The kernels measure ALiBi's distance in whole-row indices, not in per-token positions.
     if config.has_alibi_slopes and config.has_positions:
         missing.append("alibi_slopes with flash_attention_varlen")
@@ -76,19 +77,22 @@ def _missing_features(config: FlashConfig, backward: bool) -> tuple[str, ...]:
     return tuple(missing)
 
 
-def check_kernel_features(config: FlashConfig, backward: bool = False) -> None:
+def check_kernel_features(config: FlashConfig, backward: bool = False,
+                          broadcast_bias: bool = False) -> None:
     """For implementation="cuda": raises ValueError naming the features the kernels lack (those
-    of the forward pass, or with `backward` of the backward pass)."""
-    missing = _missing_features(config, backward)
+    of the forward pass, or with `backward` of the backward pass; broadcast_bias: the bias has a
+    dimension of size 1 that broadcasts)."""
+    missing = _missing_features(config, backward, broadcast_bias)
     if missing:
         raise ValueError(
             f"jax-flash: implementation='cuda' cannot run {', '.join(missing)}: the CUDA kernels "
             "do not have these features yet; use implementation=None or 'xla' for the XLA path")
 
 
-def kernel_head_dim_for(q_aval, config: FlashConfig, backward: bool = False) -> int | None:
+def kernel_head_dim_for(q_aval, config: FlashConfig, backward: bool = False,
+                        broadcast_bias: bool = False) -> int | None:
     """The compiled head dim to run q's attention (its backward pass, with `backward`) at on
-    CUDA, or None for the XLA path.
+    CUDA, or None for the XLA path (broadcast_bias as check_kernel_features's).
 
     implementation="cuda" raises when the kernels cannot run; None (auto) falls back, warning
     once unless the reason is a feature the kernels lack (that fallback is documented).
@@ -96,8 +100,8 @@ def kernel_head_dim_for(q_aval, config: FlashConfig, backward: bool = False) -> 
     if config.implementation == "xla":
         return None
     if config.implementation == "cuda":
-        check_kernel_features(config, backward)
-    elif _missing_features(config, backward):
+        check_kernel_features(config, backward, broadcast_bias)
+    elif _missing_features(config, backward, broadcast_bias):
         return None
     if jnp.dtype(q_aval.dtype) not in KERNEL_DTYPES:
         if config.implementation == "cuda":
@@ -134,13 +138,12 @@ def pack_mask_bits(mask, seqlen_k: int):
 
 
 def kernel_feature_arguments(config: FlashConfig, extras, seqlen_k: int, *, backward: bool):
-    """(FFI attributes alibi, mask, bias (forward only), causal, window_left, window_right,
-    dropout_threshold; the operands that follow the kernel's fixed ones) for the primitive's
-    extra operands `extras`.
+    """(FFI attributes alibi, mask, bias, causal, window_left, window_right, dropout_threshold;
+    the operands that follow the kernel's fixed ones) for the primitive's extra operands `extras`.
 
     alibi_slopes float32 [b, h] comes first when there are slopes, then the mask as bits
-    (pack_mask_bits) and (forward only) the bias (float32, float16 or bfloat16), each in its own 4-D
-    shape broadcastable to [b, h, sq, sk] (the kernel reads broadcast dimensions with stride 0),
+    (pack_mask_bits) and the bias (float32, float16 or bfloat16), each in its own 4-D shape
+    broadcastable to [b, h, sq, sk] (the kernel reads broadcast dimensions with stride 0),
     then dropout_seed uint32 [b, 2] with dropout (the rate as a 16-bit threshold, see _dropout).
     Segment ids (and varlen's positions) become per-token intervals (see _kernel_ranges). With
     positions, the intervals carry causal and window_size per sequence, so the kernel's own
@@ -151,15 +154,13 @@ def kernel_feature_arguments(config: FlashConfig, extras, seqlen_k: int, *, back
     attributes = dict(alibi=bool(config.has_alibi_slopes), causal=bool(config.causal),
                       window_left=np.int32(left), window_right=np.int32(right),
                       dropout_threshold=np.int32(rate_threshold(config.dropout_rate)))
-    attributes.update(mask=bool(config.has_mask))
+    attributes.update(mask=bool(config.has_mask), bias=bool(config.has_bias))
     operands = (named["alibi_slopes"],) if config.has_alibi_slopes else ()
     if config.has_mask:
         operands += (pack_mask_bits(named["mask"], seqlen_k),)
-    if not backward:
-        attributes.update(bias=bool(config.has_bias))
-        if config.has_bias:
-            bias = named["bias"]
-            operands += (bias if bias.dtype in KERNEL_BIAS_DTYPES else bias.astype(jnp.float32),)
+    if config.has_bias:
+        bias = named["bias"]
+        operands += (bias if bias.dtype in KERNEL_BIAS_DTYPES else bias.astype(jnp.float32),)
     if config.dropout_rate:
         operands += (named["dropout_seed"],)
     if not config.has_segment_ids:

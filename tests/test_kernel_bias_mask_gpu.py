@@ -1,7 +1,7 @@
 """mask and bias in the CUDA kernels (implementation="cuda"): out and lse, and the gradients
-dq, dk, dv of the backward kernel with a mask; with a bias, dq, dk, dv and dbias of the XLA
-backward from the kernel's out and lse (implementation=None: the backward kernel takes no bias
-yet); against the float32 oracle with the same mask and bias, held to
+dq, dk, dv and dbias of the backward kernel (the XLA backward, from the kernel's out and lse,
+where deterministic=True meets a bias that broadcasts), against the float32 oracle with the
+same mask and bias, held to
 test_kernel_masks_gpu's rule (twice the error of the same dense computation in the inputs' dtype,
 plus the oracle's rounding to the result's dtype, SLACK and TINY; out within twice plus EPSILON,
 lse as tight as test_fwd_gpu's, -inf rows included); GPU only.
@@ -85,13 +85,14 @@ def _flash(q, k, v, mask, bias, slopes, q_ids, implementation="cuda", **options)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "window_size", "softcap", "deterministic",
-                                             "bias_grad"))
-def _flash_grads(q, k, v, mask, bias, slopes, q_ids, dout, dlse, *, bias_grad, **options):
+                                             "bias_grad", "implementation"))
+def _flash_grads(q, k, v, mask, bias, slopes, q_ids, dout, dlse, *, bias_grad, implementation,
+                 **options):
     """(dq, dk, dv), and dbias when bias_grad, for cotangents dout and dlse: the forward kernel,
-    then the backward kernel (with a bias, the XLA backward)."""
+    then the backward of `implementation`."""
     def attention(q, k, v, bias):
-        return _flash(q, k, v, mask, bias, slopes, q_ids,
-                      implementation="cuda" if bias is None else None, **options)
+        return _flash(q, k, v, mask, bias, slopes, q_ids, implementation=implementation,
+                      **options)
 
     if bias_grad:
         return jax.vjp(attention, q, k, v, bias)[1]((dout, dlse))
@@ -132,7 +133,11 @@ def _check(seed, q, k, v, mask=None, bias=None, slopes=None, q_ids=None, *, bias
     *dense, _ = _reference(*on_cpu, compute_dtype=q.dtype, **options)
     dlse = jax.device_put(dlse, q.devices().pop())  # the oracle's: 0 on rows that see no key
     forward = _bound(_flash, **options, deterministic=deterministic)
-    backward = _bound(_flash_grads, **options, deterministic=deterministic, bias_grad=bias_grad)
+    # The kernel adds the gradient of a bias that broadcasts atomically: not deterministic.
+    broadcasts = bias is not None and any(
+        size == 1 < whole for size, whole in zip(bias.shape, (batch, heads, seqlen_q, k.shape[1])))
+    backward = _bound(_flash_grads, **options, deterministic=deterministic, bias_grad=bias_grad,
+                      implementation=None if deterministic and broadcasts else "cuda")
 
     def run():
         out, lse = run_on_poisoned_memory(forward, q, k, v, *operands)

@@ -139,26 +139,26 @@ def test_dropout_with_segment_ids(seed):
     _check(seed, q, k, v, rate=0.2, q_ids=q_ids, causal=True, window_size=(-1, -1), softcap=0.0)
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_dropout_with_a_mask(seed, with_bias):
-    """With a mask the kernels run both passes; with a bias too the forward runs on the kernel
-    and the backward on the XLA path (implementation=None). Either way the passes draw the same
-    dropout mask, so the gradients match the oracle."""
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_dropout_with_mask_and_bias(seed, deterministic):
+    """With a mask and a bias shared by the heads, the kernels run both passes; deterministic
+    pairs the kernel forward with the XLA backward (the kernel adds the gradient of a bias that
+    broadcasts atomically). Either way both passes draw the same dropout mask, so the gradients
+    match the oracle."""
     require_kernel(64)
     batch, seqlen, heads, rate = 2, 300, 2, 0.2
     q, k, v = _inputs(seed, batch, seqlen, seqlen, heads, heads, 64, "bf16")
     mask = jnp.asarray(np.random.default_rng(seed).random((batch, 1, seqlen, seqlen)) < 0.8)
-    bias = (random_normal(seed + 3, (batch, 1, seqlen, seqlen), jnp.float32) if with_bias
-            else None)
+    bias = random_normal(seed + 3, (batch, 1, seqlen, seqlen), jnp.float32)
     rng = jax.random.key(seed)
     keep = dense_keep_mask(rng, rate, batch=batch, heads=heads, seqlen_q=seqlen, seqlen_k=seqlen)
 
-    def flash(q, k, v):
-        return jax_flash.flash_attention(q, k, v, mask=mask, bias=bias, dropout_rate=rate,
-                                         dropout_rng=rng,
-                                         implementation=None if with_bias else "cuda")
+    def flash(q, k, v, bias):
+        return jax_flash.flash_attention(
+            q, k, v, mask=mask, bias=bias, dropout_rate=rate, dropout_rng=rng,
+            deterministic=deterministic, implementation=None if deterministic else "cuda")
 
-    def oracle(q, k, v):
+    def oracle(q, k, v, bias):
         return jax_flash.attention_reference(q, k, v, mask=mask, bias=bias,
                                              dropout_rate=quantize_rate(rate),
                                              dropout_keep=keep, compute_dtype=jnp.float32)[0]
@@ -166,8 +166,8 @@ def test_dropout_with_a_mask(seed, with_bias):
     dout = random_normal(seed + 1, q.shape, jnp.float32)
     results = []
     for fn in (flash, oracle):
-        out, vjp = jax.vjp(fn, q, k, v)
+        out, vjp = jax.vjp(fn, q, k, v, bias)
         results.append([np.asarray(x, np.float32) for x in (out, *vjp(dout.astype(out.dtype)))])
-    for name, got, want in zip(("out", "dq", "dk", "dv"), *results):
+    for name, got, want in zip(("out", "dq", "dk", "dv", "dbias"), *results):
         scale = np.abs(want).max()
         assert _max_error(got, want) <= 0.02 * scale, name

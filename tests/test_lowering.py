@@ -187,7 +187,7 @@ def test_grad_calls_the_backward_kernel(pretend_build, deterministic):
     # semaphore counters for 33 rows, no ALiBi partials.
     assert re.search(r"-> \(tensor<1x33x2x64xbf16>, tensor<1x33x2x64xbf16>, "
                      r"tensor<1x33x2x64xbf16>, tensor<1x2x128x64xf32>, tensor<1x2x3xi32>, "
-                     r"tensor<1x2x0xf32>\)", call)
+                     r"tensor<1x2x0xf32>, tensor<0xf32>\)", call)
     assert "alibi = false" in call
 
 
@@ -200,7 +200,7 @@ def test_alibi_calls_the_kernels_with_the_slopes(pretend_build):
     (backward,) = _backward_calls(hlo)
     assert _operand_types(forward) == ["tensor<2x130x3x64xbf16>"] * 3 + ["tensor<2x3xf32>"]
     assert _operand_types(backward)[6:] == ["tensor<2x3xf32>"]
-    assert backward.endswith("tensor<2x3x3xf32>)")
+    assert backward.endswith("tensor<2x3x3xf32>, tensor<0xf32>)")
     for call in (forward, backward):
         assert "alibi = true" in call
 
@@ -222,9 +222,9 @@ def test_dropout_runs_on_the_kernels_with_its_seed_and_threshold(pretend_build):
 
 
 def test_mask_and_bias_run_on_the_kernels_in_their_own_shapes(pretend_build):
-    """mask and bias go to the forward kernel in the shapes given (broadcast dimensions stay 1):
-    the mask as bits (130 keys padded to 256: 8 words), the bias in its bfloat16. The mask's
-    backward runs on the kernel too; with a bias the backward takes the XLA path."""
+    """mask and bias go to both kernels in the shapes given (broadcast dimensions stay 1): the
+    mask as bits (130 keys padded to 256: 8 words), the bias in its bfloat16; the backward returns
+    dbias in float32, in the bias's shape."""
     pretend_build(head_dims=(64,))
     x = jax.ShapeDtypeStruct((2, 130, 3, 64), jnp.bfloat16)
     mask = jax.ShapeDtypeStruct((2, 1, 1, 130), jnp.bool_)
@@ -234,33 +234,38 @@ def test_mask_and_bias_run_on_the_kernels_in_their_own_shapes(pretend_build):
     grad = jax.jit(jax.grad(loss, argnums=(0, 4)))
     hlo = grad.trace(x, x, x, mask, bias).lower(lowering_platforms=("cuda",)).as_text()
     (forward,) = _kernel_calls(hlo)
-    assert _operand_types(forward)[3:] == ["tensor<2x1x1x8xui32>", "tensor<1x3x130x130xbf16>"]
-    assert "mask = true" in forward and "bias = true" in forward
-    assert not _backward_calls(hlo)
-
-    grad = jax.jit(jax.grad(lambda q, k, v, mask: loss(q, k, v, mask, None)))
-    hlo = grad.trace(x, x, x, mask).lower(lowering_platforms=("cuda",)).as_text()
-    (forward,) = _kernel_calls(hlo)
     (backward,) = _backward_calls(hlo)
-    assert _operand_types(forward)[3:] == ["tensor<2x1x1x8xui32>"]
-    assert _operand_types(backward)[6:] == ["tensor<2x1x1x8xui32>"]
+    operands = ["tensor<2x1x1x8xui32>", "tensor<1x3x130x130xbf16>"]
+    assert _operand_types(forward)[3:] == operands
+    assert _operand_types(backward)[6:] == operands
+    assert backward.rsplit(") -> (", 1)[1].split(", ")[6].startswith("tensor<1x3x130x130xf32>")
     for call in (forward, backward):
-        assert "mask = true" in call
+        assert "mask = true" in call and "bias = true" in call
 
 
-def test_cuda_implementation_names_the_backward_of_bias(pretend_build):
-    """implementation="cuda" runs a forward with a bias, but its gradient names what the backward
-    kernel lacks."""
+@pytest.mark.parametrize("bias_shape", [(1, 2, 9, 9), (1, 1, 9, 9), (1, 2, 1, 9)])
+def test_deterministic_gradient_of_a_broadcast_bias_takes_the_xla_path(pretend_build, bias_shape):
+    """The kernel adds the gradient of a bias that broadcasts (over heads, rows) atomically: with
+    deterministic=True the backward takes the XLA path (batch 1: a bias of batch 1 does not
+    broadcast), and implementation="cuda" names why."""
     pretend_build(head_dims=(64,))
     x = jax.ShapeDtypeStruct((1, 9, 2, 64), jnp.bfloat16)
-    bias = jax.ShapeDtypeStruct((1, 1, 9, 9), jnp.float32)
-    attention = lambda q, k, v, bias: jax_flash.flash_attention(q, k, v, bias=bias,
-                                                                implementation="cuda")
-    assert _kernel_calls(jax.jit(attention).trace(x, x, x, bias).lower(
-        lowering_platforms=("cuda",)).as_text())
-    loss = lambda q, k, v, bias: jnp.sum(attention(q, k, v, bias).astype(jnp.float32))
-    with pytest.raises(ValueError, match="cannot run bias in the backward pass: "):
-        jax.jit(jax.grad(loss)).trace(x, x, x, bias).lower(lowering_platforms=("cuda",))
+    bias = jax.ShapeDtypeStruct(bias_shape, jnp.float32)
+    broadcasts = bias_shape != (1, 2, 9, 9)
+
+    def lower(implementation):
+        loss = lambda q, k, v, bias: jnp.sum(jax_flash.flash_attention(
+            q, k, v, bias=bias, deterministic=True, implementation=implementation))
+        return jax.jit(jax.grad(loss, argnums=(0, 3))).trace(x, x, x, bias).lower(
+            lowering_platforms=("cuda",)).as_text()
+
+    assert len(_backward_calls(lower(None))) == (0 if broadcasts else 1)
+    if broadcasts:
+        with pytest.raises(ValueError, match="cannot run deterministic=True with a bias that "
+                                             "broadcasts"):
+            lower("cuda")
+    else:
+        assert _backward_calls(lower("cuda"))
 
 
 def test_softcap_calls_the_kernels_with_its_attribute(pretend_build):
