@@ -4,7 +4,7 @@ timed in the same run.
     python -m jax_flash.bench [--out bench_results.json] [--passes fwd,fwd_bwd]
         [--head-dims 64,128,256] [--seqlens ...] [--impls flash,cudnn,xla]
         [--causal both|true|false] [--dtype bf16] [--kv-group G] [--window W] [--segments N]
-        [--softcap C] [--alibi] [--dropout P] [--key-padding F]
+        [--softcap C] [--alibi] [--dropout P] [--key-padding F] [--bias]
         [--quick] [--max-seconds S] [--no-charts]
     python -m jax_flash.bench --charts-from bench_results.json   # redraw the charts only
     python -m jax_flash.bench --ring [--devices N]   # ring attention over the visible devices
@@ -27,7 +27,9 @@ is jax.random.key(DROPOUT_KEY_SEED), and the oracle applies the very mask jax-fl
 jax.nn.dot_product_attention has none of these, so cuDNN and XLA skip those rows.
 --key-padding F hides the last F·seqlen keys of every row (padding) with a dense boolean
 [batch, 1, seqlen, seqlen] mask, the kind Flax builds, which every implementation takes as an
-argument; FLOPs count the visible pairs.
+argument; FLOPs count the visible pairs. --bias adds a standard-normal bfloat16 bias of shape
+[1, heads, seqlen, seqlen] (a learned per-head bias, as in T5), which every implementation takes;
+fwd_bwd does not differentiate it (jax-flash's kernel computes dbias all the same).
 
 --segments N (packed sequences) replaces each configuration of seqlen S by two: "packed", the same
 batch and seqlen with q_segment_ids cutting every row into N documents of S / N tokens, its FLOPs
@@ -119,6 +121,7 @@ class Shape:
     alibi: bool = False  # ALiBi with alibi_slopes(num_heads)
     dropout: float = 0.0  # > 0: attention probabilities dropped at this rate
     key_padding: float = 0.0  # > 0: this fraction of the keys, the last ones, hidden by a mask
+    bias: bool = False  # a [1, num_heads, seqlen, seqlen] bfloat16 bias
 
     @property
     def num_kv_heads(self) -> int:
@@ -176,7 +179,8 @@ def build_grid(args, backend: str) -> list[tuple[Shape, ...]]:
     (packed, dense equivalent)."""
     causal_modes = CAUSAL_MODES[args.causal]
     options = dict(kv_group=args.kv_group, window=args.window, softcap=args.softcap,
-                   alibi=args.alibi, dropout=args.dropout, key_padding=args.key_padding)
+                   alibi=args.alibi, dropout=args.dropout, key_padding=args.key_padding,
+                   bias=args.bias)
     if backend == "gpu":
         head_dims = args.head_dims or PAPER_HEAD_DIMS
         seqlens = args.seqlens or (QUICK_SEQLENS if args.quick else PAPER_SEQLENS)
@@ -247,9 +251,16 @@ def pass_flops(shape: Shape, pass_: str) -> float:
 
 # --- The implementations ----------------------------------------------------------------------
 
+def extra_names(shape: Shape) -> tuple[str, ...]:
+    """The keyword arguments attention takes after q, k and v, in the order bench_shape passes
+    them: q_segment_ids with segments, mask with key padding, bias."""
+    used = (shape.segments > 1, bool(shape.key_padding), shape.bias)
+    return tuple(name for name, on in zip(("q_segment_ids", "mask", "bias"), used) if on)
+
+
 def attention_fn(impl: str, shape: Shape, softmax_scale: float, backend: str):
-    """(q, k, v) -> out for `impl`, (q, k, v, q_segment_ids) -> out with segments,
-    (q, k, v, mask) -> out with key padding, and the path it takes ("cuda", "cudnn" or "xla")."""
+    """(q, k, v, *extras) -> out for `impl` (extras named by extra_names), and the path it takes
+    ("cuda", "cudnn" or "xla")."""
     if impl in ("flash", "flash_xla"):
         # "cuda", not None: a row labelled cuda must fail rather than fall back to XLA.
         path = "cuda" if impl == "flash" and backend == "gpu" else "xla"
@@ -259,16 +270,13 @@ def attention_fn(impl: str, shape: Shape, softmax_scale: float, backend: str):
                                alibi_slopes=shape.alibi_slopes, dropout_rate=shape.dropout,
                                dropout_rng=jax.random.key(DROPOUT_KEY_SEED) if shape.dropout
                                else None)
-        if shape.segments > 1:
-            return (lambda q, k, v, ids: fn(q, k, v, q_segment_ids=ids)), path
     else:
         window = shape.window_size if shape.window >= 0 else None
         fn = functools.partial(jax.nn.dot_product_attention, is_causal=shape.causal,
                                scale=softmax_scale, implementation=impl, local_window_size=window)
         path = impl
-    if shape.key_padding:
-        return (lambda q, k, v, mask: fn(q, k, v, mask=mask)), path
-    return fn, path
+    names = extra_names(shape)
+    return (lambda q, k, v, *extras: fn(q, k, v, **dict(zip(names, extras)))), path
 
 
 def pass_fn(pass_: str, attention):
@@ -354,6 +362,14 @@ def padding_mask(shape: Shape) -> jax.Array | None:
     return jnp.asarray(np.broadcast_to(keys, (shape.batch, 1, shape.seqlen, shape.seqlen)))
 
 
+def attention_bias(shape: Shape, key) -> jax.Array | None:
+    """--bias's bfloat16 [1, heads, seqlen, seqlen], standard normal; None without."""
+    if not shape.bias:
+        return None
+    dims = (1, shape.num_heads, shape.seqlen, shape.seqlen)
+    return jax.random.normal(key, dims, jnp.bfloat16)
+
+
 def segment_ids(shape: Shape) -> jax.Array | None:
     """int32 [batch, seqlen] q_segment_ids: document i holds tokens [i·L, (i + 1)·L) of every
     row, L = seqlen / segments; None without segments."""
@@ -408,7 +424,8 @@ _REFERENCES = {
 def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale: float,
                       window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                       alibi_slopes=None, q_segment_ids=None, dropout_rate: float = 0.0,
-                      dropout_seed=None, visible_keys: int | None = None) -> list[np.ndarray]:
+                      dropout_seed=None, visible_keys: int | None = None,
+                      bias=None) -> list[np.ndarray]:
     """The float32 oracle's (out,) or (dq, dk, dv), computed on the host CPU (apart from the device
     under test, and with no autotuning per shape), REFERENCE_CHUNK query rows at a time to bound
     its memory. The loss is a sum over query rows, so the chunks' gradients add up to the whole's.
@@ -422,7 +439,8 @@ def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale:
     With dropout_rate > 0, dropout_seed (uint32 [batch, 2]: dropout_seed(rng, full batch)'s rows
     of the sliced batch elements) gives each chunk the part of the mask flash_attention draws for
     the whole problem (the sliced heads must be its first ones). visible_keys: only the first
-    this many keys are visible (key padding).
+    this many keys are visible (key padding). bias: [1, sliced heads, seqlen, seqlen], added to
+    the scores.
     """
     cpu = jax.devices("cpu")[0]
     q, k, v, dout = (jax.device_put(x, cpu).astype(jnp.float32) for x in (q, k, v, dout))
@@ -430,6 +448,8 @@ def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale:
         q_segment_ids = np.asarray(q_segment_ids)
     if dropout_seed is not None:
         dropout_seed = jax.device_put(dropout_seed, cpu)
+    if bias is not None:
+        bias = np.asarray(bias, np.float32)
     oracle, axes = _REFERENCES[pass_]
     totals = [np.zeros(q.shape if axis == "q" else k.shape, np.float32) for axis in axes]
     seqlen = q.shape[1]
@@ -442,7 +462,7 @@ def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale:
                        causal=causal, softmax_scale=softmax_scale, window_size=(-1, -1),
                        softcap=softcap,
                        mask=_window_mask(window_size, start, stop, keys, visible_keys),
-                       bias=_alibi_bias(alibi_slopes, start, stop, keys),
+                       bias=_chunk_bias(alibi_slopes, bias, start, stop, keys),
                        dropout_rate=_dropout.quantize_rate(dropout_rate),
                        dropout_keep=_dropout_keep(dropout_seed, dropout_rate, seqlen, q.shape[2],
                                                   start, stop, keys), **ids)
@@ -454,13 +474,15 @@ def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale:
     return totals
 
 
-def _alibi_bias(alibi_slopes, start: int, stop: int, keys: int) -> np.ndarray | None:
+def _chunk_bias(alibi_slopes, bias, start: int, stop: int, keys: int) -> np.ndarray | None:
     """[1, heads, stop − start, keys]: −slope·|i − j| for query start + i and key j (square
-    shapes); None without slopes."""
+    shapes) plus the bias's part; None without slopes or bias."""
+    total = None if bias is None else bias[:, :, start:stop, :keys]
     if alibi_slopes is None:
-        return None
+        return total
     distance = np.abs(np.arange(start, stop)[:, None] - np.arange(keys)[None, :]).astype(np.float32)
-    return -np.asarray(alibi_slopes)[None, :, None, None] * distance
+    alibi = -np.asarray(alibi_slopes)[None, :, None, None] * distance
+    return alibi if total is None else alibi + total
 
 
 # Jitted so that XLA fuses the Philox rounds rather than materializing each at [chunk, keys].
@@ -514,8 +536,9 @@ def bench_shape(shape: Shape, impls, passes, settings: TimingSettings, backend: 
     input_sets = [random_inputs(shape, part) for part in jax.random.split(key, INPUT_SETS)]
     dout = random_cotangent(shape, jax.random.fold_in(key, INPUT_SETS))
     ids = segment_ids(shape)
-    # What attention takes after q, k and v: segment ids or the padding mask.
-    extra = tuple(x for x in (ids, padding_mask(shape)) if x is not None)
+    # What attention takes after q, k and v (extra_names).
+    bias = attention_bias(shape, jax.random.fold_in(key, INPUT_SETS + 1))
+    extra = tuple(x for x in (ids, padding_mask(shape), bias) if x is not None)
     # flash_attention draws one seed per element of the whole batch; the oracle's slice takes its
     # elements' seeds.
     seed = (_dropout.dropout_seed(jax.random.key(DROPOUT_KEY_SEED), shape.batch)[:ERROR_BATCH]
@@ -540,7 +563,9 @@ def bench_shape(shape: Shape, impls, passes, settings: TimingSettings, backend: 
                                           ids[:ERROR_BATCH],
                                           dropout_rate=shape.dropout, dropout_seed=seed,
                                           visible_keys=shape.visible_keys
-                                          if shape.key_padding else None)
+                                          if shape.key_padding else None,
+                                          bias=None if bias is None else
+                                          bias[:, :sliced[0].shape[2]])
         for impl in impls:
             row = {"impl": impl, "pass": pass_, **dataclasses.asdict(shape)}
             if reasons[impl]:
@@ -682,6 +707,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--key-padding", type=float, default=0.0, metavar="F",
                         help="hide the last F·seqlen keys with a dense [batch, 1, seqlen, seqlen] "
                              "mask (0: off)")
+    parser.add_argument("--bias", action="store_true",
+                        help="add a bfloat16 [1, heads, seqlen, seqlen] standard-normal bias")
     parser.add_argument("--quick", action="store_true",
                         help="fewer seqlens and shorter timing, for a first look")
     parser.add_argument("--xla-max-seqlen", type=int, default=DEFAULT_XLA_MAX_SEQLEN,
@@ -753,7 +780,8 @@ def main(argv=None) -> None:
 
 
 def run_ring(args, argv, backend: str, settings: TimingSettings) -> None:
-    for flag, value in (("--segments", args.segments != 1), ("--key-padding", args.key_padding)):
+    for flag, value in (("--segments", args.segments != 1), ("--key-padding", args.key_padding),
+                        ("--bias", args.bias)):
         if value:
             raise SystemExit(f"{flag} is not a --ring option")
     devices = jax.devices()[:args.devices]

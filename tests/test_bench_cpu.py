@@ -255,6 +255,44 @@ def test_key_padding_rows(tmp_path, monkeypatch):
         assert row["status"] == "ok" and 0 < row["rel_err"] < 2e-2, row
 
 
+def test_bias_rows(tmp_path, monkeypatch):
+    # Every implementation takes the bias, and meets the oracle given it; with --alibi too,
+    # flash's row meets the oracle given both.
+    monkeypatch.setattr(bench, "QUICK_TIMING", bench.TimingSettings(1, 1, 0.0))
+    for extra in ([], ["--alibi"]):
+        out = tmp_path / "bias.json"
+        bench.main(["--out", str(out), "--no-charts", "--impls", "flash,xla", "--bias", *extra,
+                    *TINY])
+        rows = json.loads(out.read_text())["rows"]
+        for row in rows:
+            assert row["bias"]
+            if row["impl"] == "xla" and extra:
+                assert row["status"].startswith("skipped")
+            else:
+                assert row["status"] == "ok" and 0 < row["rel_err"] < 2e-2, row
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+def test_chunked_oracle_bias_matches_whole(make_qkv, monkeypatch, alibi):
+    # Chunks of 8 query rows take their rows of the bias (plus ALiBi's); their gradients add up
+    # to the whole's.
+    monkeypatch.setattr(bench, "REFERENCE_CHUNK", 8)
+    q, k, v = make_qkv(1, 20, 20, 2, 24)
+    dout = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)
+    bias = jax.random.normal(jax.random.key(8), (1, 2, 20, 20), jnp.float32)
+    options = dict(causal=True, softmax_scale=0.3,
+                   alibi_slopes=jnp.asarray([0.5, 0.0625]) if alibi else None)
+
+    def loss(q, k, v):
+        out, _ = jax_flash.attention_reference(q, k, v, bias=bias, **options)
+        return jnp.sum(out * dout)
+
+    whole = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    chunked = bench.reference_outputs("fwd_bwd", q, k, v, dout, bias=bias, **options)
+    for got, want in zip(chunked, whole):
+        np.testing.assert_allclose(got, np.asarray(want), rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--key-padding", "1.0"], "--key-padding must be in [0, 1) (0: off), not 1.0"),
     (["--key-padding", "0.5", "--segments", "2"], "--key-padding and --segments do not combine")])
