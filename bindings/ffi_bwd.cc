@@ -73,11 +73,13 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   if (ffi::Error error = SetMaskAndBias(kTarget, extras, mask, bias, params.fwd, ranges_begin); error.failure()) {
     return error;
   }
-  if (bias) {
+  // dbias [0]: a bias whose gradient nothing uses.
+  const bool bias_grad = bias && !HasShape(dbias, {0});
+  if (bias_grad) {
     const auto bias_dims = extras.get<ffi::AnyBuffer>(ranges_begin - 1)->dimensions();
     FLASH_CHECK(kTarget, dbias.dimensions().size() == 4 && std::equal(bias_dims.begin(), bias_dims.end(),
                                                                       dbias.dimensions().begin()),
-                dbias, "the bias's shape");
+                dbias, "the bias's shape, or [0]");
   } else {
     FLASH_CHECK(kTarget, HasShape(dbias, {0}), dbias, "[0] without a bias");
   }
@@ -97,7 +99,7 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   params.dkv_batch_stride = seqlen_k * num_heads * head_dim;
   params.dq_semaphore = deterministic ? dq_semaphore.typed_data() : nullptr;
   params.dalibi_partial = alibi ? dalibi_partial.typed_data() : nullptr;
-  params.dbias = bias ? dbias.typed_data() : nullptr;
+  params.dbias = bias_grad ? dbias.typed_data() : nullptr;
 
   const std::string context = std::string(kTarget) + " (" + Describe("q", q) + ", " + Describe("k", k) +
                               ", causal=" + (causal ? "true" : "false") + ")";
@@ -108,7 +110,9 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   if (status == cudaSuccess && alibi) {
     status = cudaMemsetAsync(dalibi_partial.untyped_data(), 0, dalibi_partial.size_bytes(), stream);
   }
-  if (status == cudaSuccess && bias) status = cudaMemsetAsync(dbias.untyped_data(), 0, dbias.size_bytes(), stream);
+  if (status == cudaSuccess && bias_grad) {
+    status = cudaMemsetAsync(dbias.untyped_data(), 0, dbias.size_bytes(), stream);
+  }
   if (status == cudaSuccess) status = run_flash_bwd(params, stream);
   return CudaStatusToError(status, context);
 }
@@ -137,7 +141,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBwd, jax_flash::FlashBwdImpl,
                                   .Ret<xla::ffi::Buffer<xla::ffi::S32>>()  // dq_semaphore
                                   // dalibi_partial [b, h, ceil(sk / 64)] with alibi, else [b, h, 0]
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  // dbias, F32 in the bias's shape with bias, else [0]
+                                  // dbias, F32 in the bias's shape with bias, else (or unused) [0]
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Attr<float>("softmax_scale")  // logits = scale * q.k
                                   .Attr<float>("softcap")        // > 0: logits = c * tanh(logits / c)

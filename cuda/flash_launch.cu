@@ -116,8 +116,7 @@ cudaError_t run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
 cudaError_t run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
   const FlashFwdParams& p = params.fwd;
   if (!params_are_valid(p) || !params.dout || !params.delta || !params.dq || !params.dq_accum || !params.dk ||
-      !params.dv || (p.row_ranges && !p.key_ranges) || (p.alibi_slopes && !params.dalibi_partial) ||
-      (p.bias.data && !params.dbias)) {
+      !params.dv || (p.row_ranges && !p.key_ranges) || (p.alibi_slopes && !params.dalibi_partial)) {
     return cudaErrorInvalidValue;
   }
   // Several threads add into one dbias element where the bias broadcasts (over the whole batch,

@@ -124,7 +124,7 @@ struct FlashBwdParams {
   float* dalibi_partial;
   // With a bias: float32 in the bias's shape (fwd.bias's strides), zero-filled by the caller, gets
   // the bias's gradient Σ dS over its broadcast dimensions (atomically where it broadcasts, so
-  // not deterministic then). nullptr without a bias.
+  // not deterministic then). nullptr without a bias, or when nothing uses its gradient.
   float* dbias;
   bool dbias_atomic;  // derived by run_flash_bwd (callers leave it): the bias broadcasts
 };

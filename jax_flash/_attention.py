@@ -61,10 +61,10 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
         capability 8.0 or newer, an install built with the kernels, float16 or bfloat16 inputs,
         no feature below but grouped-query attention, window_size, softcap, alibi_slopes (not
         with flash_attention_varlen), dropout, sinks, segment ids, mask and bias (not with
-        softcap; in the deterministic backward, not a bias that broadcasts)) and the XLA path
-        otherwise, for each pass; "cuda" insists on the kernels and raises where they cannot
-        run, naming the features they lack; "xla" takes the pure-JAX blockwise path on every
-        platform.
+        softcap; in the deterministic backward, not a differentiated bias that broadcasts)) and
+        the XLA path otherwise, for each pass; "cuda" insists on the kernels and raises where
+        they cannot run, naming the features they lack; "xla" takes the pure-JAX blockwise path
+        on every platform.
       deterministic: make the backward pass bitwise reproducible from run to run: the CUDA
         backward kernel then sums dq in a fixed order instead of with atomics. The pure-JAX
         backward always is.

@@ -85,7 +85,8 @@ def blockwise_attention_bwd(q, k, v, out, lse, dout, dlse, *extras, causal: bool
     zero_dq_block = jnp.zeros(q_blocks.shape[1:], acc_dtype)
     zero_dkv_block = jnp.zeros(k_blocks.shape[1:], acc_dtype)
     # Gradients of the feature operands, carried across every tile (None where absent).
-    dbias = None if tiles.bias is None else jnp.zeros(tiles.bias.shape, acc_dtype)
+    dbias = (None if tiles.bias is None or not config.bias_grad
+             else jnp.zeros(tiles.bias.shape, acc_dtype))
     dalibi = None if tiles.alibi_slopes is None else jnp.zeros(q_blocks.shape[1:4], acc_dtype)
 
     def visit_key_block(carry, kv_block_and_start):

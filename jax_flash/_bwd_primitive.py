@@ -6,8 +6,10 @@
            feature operands in its order (alibi_slopes, mask, bias, segment ids, positions,
            dropout_seed; see _fwd_primitive), each only when the config uses it
   results  dq, dk, dv, shaped and typed as q, k, v; then dbias (shaped and typed as bias) when
-           there is a bias, and dalibi_slopes float32 [b, h] when there are slopes
-  params   config: the forward's FlashConfig
+           there is a bias and config.bias_grad, and dalibi_slopes float32 [b, h] when there
+           are slopes
+  params   config: the forward's FlashConfig (its bias_grad turned off by the DCE rule below
+           when dbias goes unused)
 
 On the CUDA platform it lowers to the kernel's FFI target when the kernel can run (the same
 choice as the forward's, see _kernel_choice), otherwise (and on every other platform) to the
@@ -24,18 +26,20 @@ blockwise XLA backward. The FFI contract of the kernel:
            dq_accum float32 [b, h, sq rounded up to a multiple of 128, d] and
            dq_semaphore int32 [b, h, ceil(sq / 16)]; dalibi_partial float32
            [b, h, ceil(sk / 64)] when alibi, else [b, h, 0], which XLA sums to dalibi_slopes;
-           dbias float32 in the bias's shape when bias, else [0]
+           dbias float32 in the bias's shape when bias and config.bias_grad, else [0]
   attrs    softmax_scale (f32), softcap (f32, 0: off), alibi, mask, bias, causal (bool), window_left
            and window_right (i32, -1: unbounded), deterministic (bool), dropout_threshold (i32,
            as the forward's)
 """
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
+from jax._src.interpreters import partial_eval as pe
 from jax.interpreters import mlir, xla
 
 from jax_flash import _extension
@@ -64,12 +68,13 @@ def _abstract_eval(q, k, v, out, lse, dout, dlse, *extras, config: FlashConfig):
                 f"jax-flash: the backward expects {name} {jnp.dtype(dtype).name}{list(shape)}; "
                 f"got {jnp.dtype(x.dtype).name}{list(x.shape)}")
     named = dict(zip(config.extra_operand_names(), extras))
+    bias_grad = config.has_bias and config.bias_grad
     grads = [q, k, v]
-    if config.has_bias:
+    if bias_grad:
         grads.append(named["bias"])
     if config.has_alibi_slopes:
         grads.append(named["alibi_slopes"])
-    operand_names = ("q", "k", "v", *("bias",) * config.has_bias,
+    operand_names = ("q", "k", "v", *("bias",) * bias_grad,
                      *("alibi_slopes",) * config.has_alibi_slopes)
     return tuple(result_aval(x, name, grad_name, x.dtype)
                  for x, name, grad_name in zip(grads, operand_names, _grad_names(config)))
@@ -77,11 +82,29 @@ def _abstract_eval(q, k, v, out, lse, dout, dlse, *extras, config: FlashConfig):
 
 def _grad_names(config: FlashConfig) -> tuple[str, ...]:
     """The results, in order."""
-    return ("dq", "dk", "dv") + ("dbias",) * config.has_bias + (
+    return ("dq", "dk", "dv") + ("dbias",) * (config.has_bias and config.bias_grad) + (
         ("dalibi_slopes",) * config.has_alibi_slopes)
 
 
 flash_bwd_p.def_abstract_eval(_abstract_eval)
+
+
+def _dce_rule(used_outputs: list[bool], eqn):
+    """Drops an unused dbias (a bias that is not differentiated): the backward then neither
+    computes nor writes it. Every operand stays used."""
+    config = eqn.params["config"]
+    if not any(used_outputs) and not pe.has_effects(eqn):
+        return [False] * len(eqn.invars), None
+    dbias = 3  # the result after dq, dk, dv
+    if not (config.has_bias and config.bias_grad) or used_outputs[dbias]:
+        return [True] * len(eqn.invars), eqn
+    params = dict(eqn.params, config=dataclasses.replace(config, bias_grad=False))
+    outvars = eqn.outvars[:dbias] + eqn.outvars[dbias + 1:]
+    return [True] * len(eqn.invars), pe.new_jaxpr_eqn(
+        eqn.invars, outvars, eqn.primitive, params, eqn.effects, eqn.source_info, eqn.ctx)
+
+
+pe.dce_rules[flash_bwd_p] = _dce_rule
 
 
 # ---- lowering --------------------------------------------------------------------------------
@@ -121,6 +144,7 @@ def _kernel_backward(q, k, v, out, lse, dout, dlse, *extras, config: FlashConfig
     accum_rows = -(-seqlen_q // _DQ_ACCUM_ROWS_MULTIPLE) * _DQ_ACCUM_ROWS_MULTIPLE
     alibi_partials = -(-seqlen_k // _ALIBI_PARTIAL_KEYS) if config.has_alibi_slopes else 0
     bias = dict(zip(config.extra_operand_names(), extras)).get("bias")
+    dbias_shape = bias.shape if bias is not None and config.bias_grad else (0,)
     result_types = (
         jax.ShapeDtypeStruct(q.shape, q.dtype),                             # dq
         jax.ShapeDtypeStruct((batch, seqlen_k, heads, kernel_head_dim), k.dtype),  # dk
@@ -128,7 +152,7 @@ def _kernel_backward(q, k, v, out, lse, dout, dlse, *extras, config: FlashConfig
         jax.ShapeDtypeStruct((batch, heads, accum_rows, kernel_head_dim), jnp.float32),  # dq_accum
         jax.ShapeDtypeStruct((batch, heads, counters), jnp.int32),          # dq_semaphore
         jax.ShapeDtypeStruct((batch, heads, alibi_partials), jnp.float32),  # dalibi_partial
-        jax.ShapeDtypeStruct((0,) if bias is None else bias.shape, jnp.float32),  # dbias
+        jax.ShapeDtypeStruct(dbias_shape, jnp.float32),                     # dbias
     )
     attributes, operands = kernel_feature_arguments(config, extras, k.shape[1], backward=True)
     dq, dk, dv, _, _, dalibi_partial, dbias = jax.ffi.ffi_call(_extension.BWD_TARGET, result_types)(
@@ -137,7 +161,7 @@ def _kernel_backward(q, k, v, out, lse, dout, dlse, *extras, config: FlashConfig
         deterministic=bool(config.deterministic), **attributes)
     dq = dq[..., :head_dim]
     grads = [dq, *(_sum_groups(x[..., :head_dim], kv_heads) for x in (dk, dv))]
-    if bias is not None:
+    if bias is not None and config.bias_grad:
         grads.append(dbias.astype(bias.dtype))
     if config.has_alibi_slopes:
         grads.append(jnp.sum(dalibi_partial, axis=-1))
@@ -181,4 +205,5 @@ needs_devices_when_lowering(flash_bwd_p)
 # ---- batching --------------------------------------------------------------------------------
 
 register_batch_folding(
-    flash_bwd_p, lambda params: batch_broadcast_operands(params["config"], 7, bias_grad_result=3))
+    flash_bwd_p, lambda params: batch_broadcast_operands(
+        params["config"], 7, bias_grad_result=3 if params["config"].bias_grad else None))

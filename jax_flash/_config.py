@@ -23,6 +23,9 @@ class FlashConfig:
       extra_operand_names); a dropout_seed operand follows them iff dropout_rate > 0.
     has_segment_ids: q_segment_ids and kv_segment_ids follow (see _segments): a query sees only
       keys of its own segment, and negative ids are padding.
+    bias_grad: the backward returns dbias (with a bias). The backward primitive's DCE rule turns
+      it off when nothing uses dbias, so that a bias that is not differentiated costs the
+      backward no gradient work; the forward ignores it.
     has_positions: q_positions and kv_positions follow: per-token positions that replace
       i + seqlen_k - seqlen_q and j in causal, window_size and ALiBi (flash_attention_varlen's
       per-sequence alignment, ring attention's global positions). The kernels' ranges
@@ -42,6 +45,7 @@ class FlashConfig:
     has_bias: bool = False
     has_segment_ids: bool = False
     has_positions: bool = False
+    bias_grad: bool = True
 
     def extra_operand_names(self) -> tuple[str, ...]:
         """The primitives' operands after q, k, v (and the backward's out, lse, dout, dlse), in

@@ -6,8 +6,8 @@ The kernels run plain and causal attention, grouped-query attention, sliding win
 ALiBi, dropout, mask, bias, segment ids and flash_attention_varlen (and sinks, which
 flash_attention applies around them). ALiBi with varlen's positions takes the XLA path (its
 distances are per sequence), and so does bias with softcap (the kernel adds the bias before the
-cap); so does the deterministic backward of a bias that broadcasts (the kernel adds its gradient
-atomically). implementation="cuda" raises where a pass cannot run on the kernels, naming the
+cap); so does the deterministic backward of a differentiated bias that broadcasts (the kernel
+adds its gradient atomically). implementation="cuda" raises where a pass cannot run on the kernels, naming the
 features.
 """
 
@@ -66,7 +66,7 @@ KERNEL_BIAS_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(
 def _missing_features(config: FlashConfig, backward: bool,
                       broadcast_bias: bool) -> tuple[str, ...]:
     missing = [f for f in config.features() if f not in KERNEL_FEATURES]
-    if backward and config.deterministic and broadcast_bias:
+    if backward and config.deterministic and broadcast_bias and config.bias_grad:
         missing.append("deterministic=True with a bias that broadcasts (its gradient)")
     # The kernels measure ALiBi's distance in whole-row indices, not in per-token positions.
     if config.has_alibi_slopes and config.has_positions:

@@ -51,6 +51,23 @@ def test_vmap_with_unbatched_broadcast_bias_and_batched_mask():
     np.testing.assert_allclose(grad, expected, **TOL)
 
 
+def test_gradients_without_dbias_match_those_with_it():
+    """Differentiated with respect to q, k and v only (vmapped over a batched bias, under jit),
+    the backward drops dbias (the DCE rule): dq, dk and dv stay those computed beside dbias."""
+    n = 2
+    q, k, v = make_inputs(10, 2, 9, 12, 4, 2, 8)
+    biases = random_normal(11, (n, 2, 4, 9, 12), jnp.float32)
+    loss = lambda q, k, v, bias: jnp.sum(jnp.sin(jax_flash.flash_attention(
+        q, k, v, bias=bias, causal=True)))
+    mapped = lambda argnums: jax.jit(jax.vmap(jax.grad(loss, argnums=argnums),
+                                              in_axes=(None, None, None, 0)))
+    without = mapped((0, 1, 2))(q, k, v, biases)
+    with_dbias = mapped((0, 1, 2, 3))(q, k, v, biases)
+    assert with_dbias[3].shape == biases.shape
+    for got, want in zip(without, with_dbias[:3], strict=True):
+        np.testing.assert_allclose(got, want, **TOL)
+
+
 def test_vmap_over_dropout_keys():
     """Each mapped key draws its own mask, the same one it draws unmapped."""
     q, k, v = make_inputs(9, 1, 8, 8, 2, 2, 8)

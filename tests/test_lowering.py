@@ -243,6 +243,33 @@ def test_mask_and_bias_run_on_the_kernels_in_their_own_shapes(pretend_build):
         assert "mask = true" in call and "bias = true" in call
 
 
+@pytest.mark.parametrize("jit_inside", [False, True])
+def test_a_bias_that_is_not_differentiated_gets_no_gradient_work(pretend_build, jit_inside):
+    """Differentiated with respect to q alone, the bias's gradient goes unused: the backward call
+    returns dbias as [0] (the kernel neither computes nor writes it), also through an inner jit,
+    and so a bias that broadcasts (over the batch here) stays on the kernel with
+    deterministic=True; with respect to the bias too, dbias comes back in its shape, and with
+    deterministic=True the backward takes the XLA path."""
+    pretend_build(head_dims=(64,))
+    x = jax.ShapeDtypeStruct((2, 9, 2, 64), jnp.bfloat16)
+    bias = jax.ShapeDtypeStruct((1, 2, 9, 9), jnp.float32)
+
+    def backward_calls(argnums, deterministic):
+        attention = functools.partial(jax_flash.flash_attention, deterministic=deterministic)
+        if jit_inside:
+            attention = jax.jit(attention)
+        loss = lambda q, k, v, bias: jnp.sum(attention(q, k, v, bias=bias).astype(jnp.float32))
+        hlo = jax.jit(jax.grad(loss, argnums=argnums)).trace(x, x, x, bias).lower(
+            lowering_platforms=("cuda",)).as_text()
+        return [call.rsplit(") -> (", 1)[1].split(", ")[6] for call in _backward_calls(hlo)]
+
+    (dbias,) = backward_calls(0, deterministic=True)
+    assert dbias.startswith("tensor<0xf32>")
+    (dbias,) = backward_calls((0, 3), deterministic=False)
+    assert dbias.startswith("tensor<1x2x9x9xf32>")
+    assert not backward_calls((0, 3), deterministic=True)
+
+
 @pytest.mark.parametrize("bias_shape", [(1, 2, 9, 9), (1, 1, 9, 9), (1, 2, 1, 9)])
 def test_deterministic_gradient_of_a_broadcast_bias_takes_the_xla_path(pretend_build, bias_shape):
     """The kernel adds the gradient of a bias that broadcasts (over heads, rows) atomically: with
