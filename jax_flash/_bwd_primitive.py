@@ -27,8 +27,8 @@ blockwise XLA backward. The FFI contract of the kernel:
            dq_semaphore int32 [b, h, ceil(sq / 16)]; dalibi_partial float32
            [b, h, ceil(sk / 64)] when alibi, else [b, h, 0], which XLA sums to dalibi_slopes;
            dbias float32 in the bias's shape when bias and config.bias_grad, else [0]
-  attrs    softmax_scale (f32), softcap (f32, 0: off), alibi, mask, bias, causal (bool), window_left
-           and window_right (i32, -1: unbounded), deterministic (bool), dropout_threshold (i32,
+  attrs    softmax_scale (f32), softcap (f32, 0: off), alibi, mask, bias, causal (bool),
+           window_left and window_right (i32, -1: unbounded), deterministic (bool), dropout_threshold (i32,
            as the forward's)
 """
 
@@ -144,7 +144,7 @@ def _kernel_backward(q, k, v, out, lse, dout, dlse, *extras, config: FlashConfig
     accum_rows = -(-seqlen_q // _DQ_ACCUM_ROWS_MULTIPLE) * _DQ_ACCUM_ROWS_MULTIPLE
     alibi_partials = -(-seqlen_k // _ALIBI_PARTIAL_KEYS) if config.has_alibi_slopes else 0
     bias = dict(zip(config.extra_operand_names(), extras)).get("bias")
-    dbias_shape = bias.shape if bias is not None and config.bias_grad else (0,)
+    bias_grad = bias is not None and config.bias_grad
     result_types = (
         jax.ShapeDtypeStruct(q.shape, q.dtype),                             # dq
         jax.ShapeDtypeStruct((batch, seqlen_k, heads, kernel_head_dim), k.dtype),  # dk
@@ -152,16 +152,17 @@ def _kernel_backward(q, k, v, out, lse, dout, dlse, *extras, config: FlashConfig
         jax.ShapeDtypeStruct((batch, heads, accum_rows, kernel_head_dim), jnp.float32),  # dq_accum
         jax.ShapeDtypeStruct((batch, heads, counters), jnp.int32),          # dq_semaphore
         jax.ShapeDtypeStruct((batch, heads, alibi_partials), jnp.float32),  # dalibi_partial
-        jax.ShapeDtypeStruct(dbias_shape, jnp.float32),                     # dbias
+        jax.ShapeDtypeStruct(bias.shape if bias_grad else (0,), jnp.float32),  # dbias
     )
     attributes, operands = kernel_feature_arguments(config, extras, k.shape[1], backward=True)
-    dq, dk, dv, _, _, dalibi_partial, dbias = jax.ffi.ffi_call(_extension.BWD_TARGET, result_types)(
+    call = jax.ffi.ffi_call(_extension.BWD_TARGET, result_types)
+    dq, dk, dv, _, _, dalibi_partial, dbias = call(
         q, k, v, dout, lse, delta, *operands,
         softmax_scale=np.float32(config.softmax_scale), softcap=np.float32(config.softcap),
         deterministic=bool(config.deterministic), **attributes)
     dq = dq[..., :head_dim]
     grads = [dq, *(_sum_groups(x[..., :head_dim], kv_heads) for x in (dk, dv))]
-    if bias is not None and config.bias_grad:
+    if bias_grad:
         grads.append(dbias.astype(bias.dtype))
     if config.has_alibi_slopes:
         grads.append(jnp.sum(dalibi_partial, axis=-1))

@@ -7,8 +7,8 @@ ALiBi, dropout, mask, bias, segment ids and flash_attention_varlen (and sinks, w
 flash_attention applies around them). ALiBi with varlen's positions takes the XLA path (its
 distances are per sequence), and so does bias with softcap (the kernel adds the bias before the
 cap); so does the deterministic backward of a differentiated bias that broadcasts (the kernel
-adds its gradient atomically). implementation="cuda" raises where a pass cannot run on the kernels, naming the
-features.
+adds its gradient atomically). implementation="cuda" raises where a pass cannot run on the
+kernels, naming the features.
 """
 
 import functools

@@ -29,7 +29,7 @@ jax.nn.dot_product_attention has none of these, so cuDNN and XLA skip those rows
 [batch, 1, seqlen, seqlen] mask, the kind Flax builds, which every implementation takes as an
 argument; FLOPs count the visible pairs. --bias adds a standard-normal bfloat16 bias of shape
 [1, heads, seqlen, seqlen] (a learned per-head bias, as in T5), which every implementation takes;
-fwd_bwd does not differentiate it (jax-flash's kernel computes dbias all the same).
+fwd_bwd does not differentiate it (so jax-flash's backward computes no dbias).
 
 --segments N (packed sequences) replaces each configuration of seqlen S by two: "packed", the same
 batch and seqlen with q_segment_ids cutting every row into N documents of S / N tokens, its FLOPs
@@ -282,8 +282,9 @@ def attention_fn(impl: str, shape: Shape, softmax_scale: float, backend: str):
 def pass_fn(pass_: str, attention):
     """The function a pass times. It returns a tuple whose leading entries the oracle checks:
     (out,) for fwd; (dq, dk, dv, loss) for fwd_bwd, whose inputs carry dout after q, k and v.
-    Any further inputs (segment ids, the mask) go to `attention` after q, k and v: as arguments, not
-    constants, so that XLA cannot fold their preprocessing out of the timed call."""
+    Any further inputs (segment ids, mask, bias) go to `attention` after q, k and v: as
+    arguments, not constants, so that XLA cannot fold their preprocessing out of the timed
+    call."""
     if pass_ == "fwd":
         return lambda q, k, v, *ids: (attention(q, k, v, *ids),)
 
@@ -461,7 +462,7 @@ def reference_outputs(pass_: str, q, k, v, dout, *, causal: bool, softmax_scale:
         parts = oracle(q[:, start:stop], k[:, :keys], v[:, :keys], dout[:, start:stop],
                        causal=causal, softmax_scale=softmax_scale, window_size=(-1, -1),
                        softcap=softcap,
-                       mask=_window_mask(window_size, start, stop, keys, visible_keys),
+                       mask=_chunk_mask(window_size, start, stop, keys, visible_keys),
                        bias=_chunk_bias(alibi_slopes, bias, start, stop, keys),
                        dropout_rate=_dropout.quantize_rate(dropout_rate),
                        dropout_keep=_dropout_keep(dropout_seed, dropout_rate, seqlen, q.shape[2],
@@ -501,8 +502,8 @@ def _dropout_keep(seed, rate: float, seqlen: int, heads: int, start: int, stop: 
     return keep.reshape(seed.shape[0], heads, stop - start, keys)
 
 
-def _window_mask(window_size, start: int, stop: int, keys: int,
-                 visible_keys: int | None = None) -> np.ndarray | None:
+def _chunk_mask(window_size, start: int, stop: int, keys: int,
+                visible_keys: int | None = None) -> np.ndarray | None:
     """[stop − start, keys] True where query start + i sees key j under window_size (square
     shapes: the diagonal is j = i) and j < visible_keys; None without a window or padding."""
     left, right = window_size
