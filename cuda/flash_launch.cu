@@ -15,6 +15,8 @@ template <int kHeadDim, typename Element>
 cudaError_t run_flash_fwd_hdim(const FlashFwdParams& params, cudaStream_t stream);
 template <int kHeadDim, typename Element>
 cudaError_t run_flash_bwd_hdim(const FlashBwdParams& params, cudaStream_t stream);
+template <int kHeadDim, typename Element>
+cudaError_t run_flash_fwd_sm90_hdim(const FlashFwdParams& params, cudaStream_t stream);
 
 namespace {
 
@@ -26,16 +28,21 @@ constexpr int kCompiledHeadDims[] = {JAX_FLASH_HEAD_DIM_LIST};
 template <typename Run, int... kHeadDims>
 cudaError_t for_head_dim(HeadDimList<kHeadDims...>, int head_dim, Run&& run) {
   cudaError_t status = cudaErrorInvalidValue;
-  ((head_dim == kHeadDims && (status = run(std::integral_constant<int, kHeadDims>{}), true)) || ...);
+  (void)((head_dim == kHeadDims && (status = run(std::integral_constant<int, kHeadDims>{}), true)) || ...);
   return status;
 }
 
-// Calls run(Element{}, std::integral_constant<int, d>) for the element type and head dim.
-template <typename Run>
+template <int... kHeadDims>
+constexpr bool contains(HeadDimList<kHeadDims...>, int head_dim) {
+  return ((head_dim == kHeadDims) || ...);
+}
+
+// Calls run(Element{}, std::integral_constant<int, d>) for the element type and a head dim d ==
+// head_dim of the list.
+template <typename List = HeadDimList<JAX_FLASH_HEAD_DIM_LIST>, typename Run>
 cudaError_t for_dtype_and_head_dim(DType dtype, int head_dim, Run&& run) {
   auto with_element = [&](auto element) {
-    return for_head_dim(HeadDimList<JAX_FLASH_HEAD_DIM_LIST>{}, head_dim,
-                        [&](auto dim) { return run(element, dim); });
+    return for_head_dim(List{}, head_dim, [&](auto dim) { return run(element, dim); });
   };
   switch (dtype) {
     case DType::kFloat16: return with_element(cutlass::half_t{});
@@ -93,6 +100,22 @@ cudaError_t over_batch_slices(int batch, Launch&& launch) {
   return cudaSuccess;
 }
 
+// The Hopper forward runs where it was built for the head dim, the device has compute capability
+// 9.0 (sm_90a code runs there only) and nothing asks for the SM80 family's score modifiers or
+// packed-sequence ranges.
+bool use_sm90_fwd(const FlashFwdParams& p) {
+  using Sm90HeadDims = HeadDimList<JAX_FLASH_SM90_FWD_HEAD_DIM_LIST>;
+  if (!contains(Sm90HeadDims{}, p.head_dim) || p.softcap > 0.f || p.alibi_slopes || p.mask.bits || p.bias.data ||
+      p.dropout.seed || p.row_ranges) {
+    return false;
+  }
+  int device = 0, major = 0, minor = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess && major == 9 &&
+         minor == 0;
+}
+
 }  // namespace
 
 int supported_head_dims(int* dims, int capacity) {
@@ -105,8 +128,15 @@ int supported_head_dims(int* dims, int capacity) {
 
 cudaError_t run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
   if (!params_are_valid(params) || !params.out) return cudaErrorInvalidValue;
+  const bool sm90 = use_sm90_fwd(params);
   return over_batch_slices(params.batch, [&](int64_t first, int count) {
     const FlashFwdParams slice = fwd_batch_slice(params, first, count);
+    if (sm90) {
+      return for_dtype_and_head_dim<HeadDimList<JAX_FLASH_SM90_FWD_HEAD_DIM_LIST>>(
+          params.dtype, params.head_dim, [&](auto element, auto dim) {
+            return run_flash_fwd_sm90_hdim<decltype(dim)::value, decltype(element)>(slice, stream);
+          });
+    }
     return for_dtype_and_head_dim(params.dtype, params.head_dim, [&](auto element, auto dim) {
       return run_flash_fwd_hdim<decltype(dim)::value, decltype(element)>(slice, stream);
     });

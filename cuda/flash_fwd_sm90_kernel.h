@@ -1,0 +1,164 @@
+// Forward kernel of the Hopper family (sm_90a). One CTA of two warpgroups computes 128 query rows
+// of one (batch, head): each warpgroup owns 64 rows, S = QKᵀ runs as wgmma with both operands in
+// shared memory, the online softmax in registers, O += PV as wgmma with P from registers. K and V
+// stream through a two-stage ring: the next tile's cp.async runs under the current tile's math.
+// Plain attention, causal and windowed bands, GQA; the score modifiers and packed sequences stay
+// on the SM80 family.
+#pragma once
+
+#include <cmath>
+
+#include <cute/tensor.hpp>
+
+#include "attention_mask.h"
+#include "flash_params.h"
+#include "online_softmax.h"
+#include "register_layouts.h"
+#include "sm90_wgmma.h"
+#include "tile_copy.h"
+
+namespace jax_flash {
+
+using namespace cute;
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+    flash_fwd_sm90_kernel(const __grid_constant__ FlashFwdParams params) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+
+  extern __shared__ __align__(1024) char smem_sm90[];  // the 128-byte swizzle repeats every 1024 bytes
+
+  const int thread_idx = threadIdx.x;
+  // Reverse order: under causal masking the last query tiles have the most keys; start them first.
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int head_k = head / (params.num_heads / params.num_heads_k);
+
+  const AttentionMask<kBlockM, kBlockN> mask{params};
+  const int n_block_begin = mask.n_block_begin(m_block);
+  const int n_block_end = mask.n_block_end(m_block);
+  const int rows_in_tile = min(kBlockM, params.seqlen_q - m_block * kBlockM);
+
+  // ---- Global tensors of this (batch, head) ----
+  Tensor mQ = make_tensor(make_gmem_ptr(static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
+                                        head * params.q_head_stride),
+                          make_shape(params.seqlen_q, Int<kHeadDim>{}), make_stride(params.q_row_stride, _1{}));
+  Tensor mK = make_tensor(make_gmem_ptr(static_cast<const Element*>(params.k) + batch * params.k_batch_stride +
+                                        head_k * params.k_head_stride),
+                          make_shape(params.seqlen_k, Int<kHeadDim>{}), make_stride(params.k_row_stride, _1{}));
+  Tensor mV = make_tensor(make_gmem_ptr(static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
+                                        head_k * params.v_head_stride),
+                          make_shape(params.seqlen_k, Int<kHeadDim>{}), make_stride(params.v_row_stride, _1{}));
+  Tensor mO = make_tensor(make_gmem_ptr(static_cast<Element*>(params.out) + batch * params.out_batch_stride +
+                                        head * params.out_head_stride),
+                          make_shape(params.seqlen_q, Int<kHeadDim>{}), make_stride(params.out_row_stride, _1{}));
+  float* lse_row = params.lse + (int64_t(batch) * params.num_heads + head) * params.seqlen_q;
+
+  Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (kBlockM, kHeadDim)
+  Tensor gO = local_tile(mO, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (kBlockM, kHeadDim)
+  Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));  // (kBlockN, kHeadDim, n)
+  Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));  // (kBlockN, kHeadDim, n)
+  Tensor cQ = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});   // (kBlockM, kHeadDim) -> (row, col)
+  Tensor cKV = make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{});  // (kBlockN, kHeadDim) -> (row, col)
+
+  // ---- Shared memory: Q, then the K and V rings ----
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem_sm90)), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});  // (kBlockN, kHeadDim, stage)
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});  // (kBlockN, kHeadDim, stage)
+  Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});            // (kHeadDim, kBlockN, stage)
+
+  typename Traits::GmemTiledCopyAsync gmem_copy;
+  auto gmem_thr_copy = gmem_copy.get_thread_slice(thread_idx);
+  Tensor tQgQ = gmem_thr_copy.partition_S(gQ);  // (CPY, CPY_M, CPY_K)
+  Tensor tQsQ = gmem_thr_copy.partition_D(sQ);
+  Tensor tQcQ = gmem_thr_copy.partition_S(cQ);
+  Tensor tKgK = gmem_thr_copy.partition_S(gK);  // (CPY, CPY_N, CPY_K, n)
+  Tensor tKsK = gmem_thr_copy.partition_D(sK);  // (CPY, CPY_N, CPY_K, stage)
+  Tensor tVgV = gmem_thr_copy.partition_S(gV);
+  Tensor tVsV = gmem_thr_copy.partition_D(sV);
+  Tensor tKVcKV = gmem_thr_copy.partition_S(cKV);
+  auto load_kv = [&](int n_block, int stage) {
+    const int keys = params.seqlen_k - n_block * kBlockN;
+    Tensor tKsK_stage = tKsK(_, _, _, stage);
+    Tensor tVsV_stage = tVsV(_, _, _, stage);
+    copy_rows</*kZeroFill=*/true>(gmem_copy, tKgK(_, _, _, n_block), tKsK_stage, tKVcKV, keys);
+    copy_rows</*kZeroFill=*/true>(gmem_copy, tVgV(_, _, _, n_block), tVsV_stage, tKVcKV, keys);
+    cp_async_fence();
+  };
+
+  // ---- MMA fragments: shared-memory descriptors for Q, K and V, registers for S, P and O ----
+  typename Traits::TiledMmaS tiled_mma_s;
+  typename Traits::TiledMmaO tiled_mma_o;
+  auto thr_mma_s = tiled_mma_s.get_thread_slice(thread_idx);
+  auto thr_mma_o = tiled_mma_o.get_thread_slice(thread_idx);
+  Tensor tSrQ = thr_mma_s.partition_fragment_A(sQ);    // (MMA, MMA_M, MMA_K)
+  Tensor tSrK = thr_mma_s.partition_fragment_B(sK);    // (MMA, MMA_N, MMA_K, stage)
+  Tensor tOrVt = thr_mma_o.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
+  Tensor acc_o = partition_fragment_C(tiled_mma_o, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_N)
+  clear(acc_o);
+
+  // (row, col) of every score this thread holds, for masking and for the lse rows.
+  Tensor tScS = thr_mma_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor score_coords = make_tensor(tScS.data(), wgmma_acc_rowcol_layout(tScS.layout()));  // (rows, cols)
+  Tensor acc_o_rc = wgmma_acc_rowcol(acc_o);  // (rows, kHeadDim cols)
+  OnlineSoftmax<decltype(size<0>(acc_o_rc))::value> softmax;
+  const float scale_log2 = params.logit_scale * float(M_LOG2E);
+
+  // ---- Prologue: Q and the last visible K/V tile in flight ----
+  copy_rows</*kZeroFill=*/true>(gmem_copy, tQgQ, tQsQ, tQcQ, rows_in_tile);
+  if (n_block_end > n_block_begin) load_kv(n_block_end - 1, 0);
+
+  // ---- Main loop over the visible key tiles, last to first: under causal masking the masked
+  // tiles come first ----
+  auto process_key_tile = [&](int n_block, int stage, auto needs_mask) {
+    cp_async_wait<0>();
+    fence_smem_for_async_proxy();
+    __syncthreads();  // K/V[stage] landed for every thread; every warpgroup is done with the other stage
+    if (n_block > n_block_begin) load_kv(n_block - 1, stage ^ 1);
+
+    Tensor acc_s = partition_fragment_C(tiled_mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
+    wgmma_gemm</*kZeroInit=*/true>(tiled_mma_s, tSrQ, tSrK(_, _, _, stage), acc_s);
+    warpgroup_wait<0>();
+    Tensor scores = wgmma_acc_rowcol(acc_s);  // (rows, kBlockN cols)
+    if constexpr (decltype(needs_mask)::value) mask.apply(scores, score_coords, m_block, n_block);
+    softmax.update(scores, acc_o_rc, scale_log2);
+
+    Tensor p = convert_fragment<Element>(acc_s);
+    Tensor tOrP = make_tensor(p.data(), wgmma_acc_to_a_layout(p.layout()));  // (MMA, MMA_M, MMA_K)
+    wgmma_gemm</*kZeroInit=*/false>(tiled_mma_o, tOrP, tOrVt(_, _, _, stage), acc_o);
+    warpgroup_wait<0>();
+  };
+  int stage = 0;
+  for (int n_block = n_block_end - 1; n_block >= n_block_begin; --n_block, stage ^= 1) {
+    if (mask.needs_masking(m_block, n_block)) {
+      process_key_tile(n_block, stage, true_type{});
+    } else {
+      process_key_tile(n_block, stage, false_type{});
+    }
+  }
+
+  // ---- Epilogue: normalize, write O and the lse rows straight from registers ----
+  Tensor lse = softmax.finalize(acc_o_rc, params.logit_scale);
+  if (get<1>(score_coords(0, 0)) == 0) {  // one thread of each quad writes its rows' lse
+    CUTE_UNROLL
+    for (int r = 0; r < size(lse); ++r) {
+      const int row = get<0>(score_coords(r, 0));
+      if (row < rows_in_tile) lse_row[m_block * kBlockM + row] = lse(r);
+    }
+  }
+  Tensor rO = convert_fragment<Element>(acc_o);
+  Tensor tOgO = thr_mma_o.partition_C(gO);  // (MMA, MMA_M, MMA_N)
+  Tensor tOcO = thr_mma_o.partition_C(cQ);
+  CUTE_UNROLL
+  for (int i = 0; i < size(rO); ++i) {
+    if (get<0>(tOcO(i)) < rows_in_tile) tOgO(i) = rO(i);
+  }
+#endif
+}
+
+}  // namespace jax_flash
