@@ -1,7 +1,7 @@
 // Forward kernel of the Hopper family (sm_90a). One CTA of two warpgroups computes 128 query rows
 // of one (batch, head): each warpgroup owns 64 rows, S = QKᵀ runs as wgmma with both operands in
 // shared memory, the online softmax in registers, O += PV as wgmma with P from registers. K and V
-// stream through a two-stage ring: the next tile's cp.async runs under the current tile's math.
+// stream through rings of kStages slots: the next tiles' cp.async runs under the current tile's math.
 // Plain attention, causal and windowed bands, GQA; the score modifiers and packed sequences stay
 // on the SM80 family.
 #pragma once
@@ -82,13 +82,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Tensor tVgV = gmem_thr_copy.partition_S(gV);
   Tensor tVsV = gmem_thr_copy.partition_D(sV);
   Tensor tKVcKV = gmem_thr_copy.partition_S(cKV);
-  auto load_kv = [&](int n_block, int stage) {
-    const int keys = params.seqlen_k - n_block * kBlockN;
+  auto load_k = [&](int n_block, int stage) {
     Tensor tKsK_stage = tKsK(_, _, _, stage);
+    copy_rows</*kZeroFill=*/true>(gmem_copy, tKgK(_, _, _, n_block), tKsK_stage, tKVcKV,
+                                  params.seqlen_k - n_block * kBlockN);
+  };
+  auto load_v = [&](int n_block, int stage) {
     Tensor tVsV_stage = tVsV(_, _, _, stage);
-    copy_rows</*kZeroFill=*/true>(gmem_copy, tKgK(_, _, _, n_block), tKsK_stage, tKVcKV, keys);
-    copy_rows</*kZeroFill=*/true>(gmem_copy, tVgV(_, _, _, n_block), tVsV_stage, tKVcKV, keys);
-    cp_async_fence();
+    copy_rows</*kZeroFill=*/true>(gmem_copy, tVgV(_, _, _, n_block), tVsV_stage, tKVcKV,
+                                  params.seqlen_k - n_block * kBlockN);
   };
 
   // ---- MMA fragments: shared-memory descriptors for Q, K and V, registers for S, P and O ----
@@ -109,37 +111,66 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   OnlineSoftmax<decltype(size<0>(acc_o_rc))::value> softmax;
   const float scale_log2 = params.logit_scale * float(M_LOG2E);
 
-  // ---- Prologue: Q and the last visible K/V tile in flight ----
+  // ---- Pipeline. Tile i's S = QKᵀ and softmax run while the tensor cores still add tile i-1's
+  // P·V (issued just after S_i, waited for after the softmax), so a warpgroup's exp2 work hides
+  // under its own MMAs. K and V each cycle through kStages slots; step i waits for the loads
+  // issued kStages-1 steps earlier (K_i and V_{i-1}), then, behind the barrier that also
+  // certifies every warpgroup done with K_{i-1} and V_{i-2}, loads K_{i+kStages-1} and
+  // V_{i+kStages-2} into their slots. Tiles are counted from the last visible one down. ----
+  constexpr int kStages = Traits::kStages;
+  const int num_tiles = n_block_end - n_block_begin;
+  auto n_block_of = [&](int i) { return n_block_end - 1 - i; };
+  auto load_tiles = [&](int k_tile, int v_tile) {  // one commit group, empty past the last tile
+    if (k_tile < num_tiles) load_k(n_block_of(k_tile), k_tile % kStages);
+    if (v_tile >= 0 && v_tile < num_tiles) load_v(n_block_of(v_tile), v_tile % kStages);
+    cp_async_fence();
+  };
   copy_rows</*kZeroFill=*/true>(gmem_copy, tQgQ, tQsQ, tQcQ, rows_in_tile);
-  if (n_block_end > n_block_begin) load_kv(n_block_end - 1, 0);
+  for (int s = 0; s < kStages - 1; ++s) load_tiles(s, s - 1);
 
-  // ---- Main loop over the visible key tiles, last to first: under causal masking the masked
-  // tiles come first ----
-  auto process_key_tile = [&](int n_block, int stage, auto needs_mask) {
-    cp_async_wait<0>();
+  // P of the previous tile, waiting for its P·V MMA (the A operand of the next one).
+  Tensor tOrP = make_tensor<Element>(wgmma_acc_to_a_layout(
+      partition_fragment_C(tiled_mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{}).layout()));  // (MMA, MMA_M, MMA_K)
+  auto step = [&](int i, int slot, int previous_slot, auto needs_mask, auto has_previous) {
+    cp_async_wait<kStages - 2>();
     fence_smem_for_async_proxy();
-    __syncthreads();  // K/V[stage] landed for every thread; every warpgroup is done with the other stage
-    if (n_block > n_block_begin) load_kv(n_block - 1, stage ^ 1);
+    __syncthreads();
+    load_tiles(i + kStages - 1, i + kStages - 2);
 
     Tensor acc_s = partition_fragment_C(tiled_mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
-    wgmma_gemm</*kZeroInit=*/true>(tiled_mma_s, tSrQ, tSrK(_, _, _, stage), acc_s);
-    warpgroup_wait<0>();
-    Tensor scores = wgmma_acc_rowcol(acc_s);  // (rows, kBlockN cols)
-    if constexpr (decltype(needs_mask)::value) mask.apply(scores, score_coords, m_block, n_block);
-    softmax.update(scores, acc_o_rc, scale_log2);
-
-    Tensor p = convert_fragment<Element>(acc_s);
-    Tensor tOrP = make_tensor(p.data(), wgmma_acc_to_a_layout(p.layout()));  // (MMA, MMA_M, MMA_K)
-    wgmma_gemm</*kZeroInit=*/false>(tiled_mma_o, tOrP, tOrVt(_, _, _, stage), acc_o);
-    warpgroup_wait<0>();
-  };
-  int stage = 0;
-  for (int n_block = n_block_end - 1; n_block >= n_block_begin; --n_block, stage ^= 1) {
-    if (mask.needs_masking(m_block, n_block)) {
-      process_key_tile(n_block, stage, true_type{});
+    wgmma_gemm</*kZeroInit=*/true>(tiled_mma_s, tSrQ, tSrK(_, _, _, slot), acc_s);
+    if constexpr (decltype(has_previous)::value) {
+      wgmma_gemm</*kZeroInit=*/false>(tiled_mma_o, tOrP, tOrVt(_, _, _, previous_slot), acc_o);
+      warpgroup_wait<1>();  // S_i done; P·V of tile i-1 may still run
     } else {
-      process_key_tile(n_block, stage, false_type{});
+      warpgroup_wait<0>();
     }
+    Tensor scores = wgmma_acc_rowcol(acc_s);  // (rows, kBlockN cols)
+    if constexpr (decltype(needs_mask)::value) mask.apply(scores, score_coords, m_block, n_block_of(i));
+    float correction[decltype(size<0>(acc_o_rc))::value];
+    const bool max_moved = softmax.update_scores(scores, scale_log2, correction);
+    if constexpr (decltype(has_previous)::value) warpgroup_wait<0>();
+    softmax.rescale(acc_o_rc, correction, max_moved);
+    convert_fragment_into(acc_s, tOrP);
+  };
+  int slot = 0, previous_slot = kStages - 1;
+  for (int i = 0; i < num_tiles; ++i) {
+    if (i == 0) {
+      step(i, slot, previous_slot, true_type{}, false_type{});
+    } else if (mask.needs_masking(m_block, n_block_of(i))) {
+      step(i, slot, previous_slot, true_type{}, true_type{});
+    } else {
+      step(i, slot, previous_slot, false_type{}, true_type{});
+    }
+    previous_slot = slot;
+    slot = slot == kStages - 1 ? 0 : slot + 1;
+  }
+  if (num_tiles > 0) {  // the last tile's P·V
+    cp_async_wait<0>();
+    fence_smem_for_async_proxy();
+    __syncthreads();
+    wgmma_gemm</*kZeroInit=*/false>(tiled_mma_o, tOrP, tOrVt(_, _, _, previous_slot), acc_o);
+    warpgroup_wait<0>();
   }
 
   // ---- Epilogue: normalize, write O and the lse rows straight from registers ----

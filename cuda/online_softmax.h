@@ -58,8 +58,17 @@ struct OnlineSoftmax {
   // running statistics and rescales the output accumulator (rows × head dim) to the new maximum.
   template <typename Scores, typename AccO>
   __forceinline__ __device__ void update(Scores& scores, AccO& acc_o, float scale_log2) {
-    static_assert(decltype(size<0>(scores))::value == kRows);
     float correction[kRows];
+    const bool max_moved = update_scores(scores, scale_log2, correction);
+    rescale(acc_o, correction, max_moved);
+  }
+
+  // update's first half, for kernels whose output accumulator is still being written by an MMA:
+  // the statistics and probabilities, and per row the factor the accumulator needs. Returns
+  // whether some row's maximum moved (else every factor is 1).
+  template <typename Scores>
+  __forceinline__ __device__ bool update_scores(Scores& scores, float scale_log2, float (&correction)[kRows]) {
+    static_assert(decltype(size<0>(scores))::value == kRows);
     bool max_moved = false;
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
@@ -80,8 +89,13 @@ struct OnlineSoftmax {
       }
       row_sum(r) = sum;
     }
-    // Once the maxima settle, most tiles leave every row's maximum where it was: the correction
-    // is then 1 and the warp skips rescaling the output accumulator.
+    return max_moved;
+  }
+
+  // update's second half. Once the maxima settle, most tiles leave every row's maximum where it
+  // was: the correction is then 1 and the warp skips rescaling the output accumulator.
+  template <typename AccO>
+  __forceinline__ __device__ void rescale(AccO& acc_o, float const (&correction)[kRows], bool max_moved) {
     if (__any_sync(0xffffffff, max_moved)) {
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {

@@ -31,6 +31,19 @@ __forceinline__ __device__ auto acc_to_a_operand_layout(Layout acc) {
                      get<1>(split), get<2, 1>(split));
 }
 
+// Converts a register fragment of floats into dst, of the same size, element by element in order.
+template <typename SrcEngine, typename SrcLayout, typename DstEngine, typename DstLayout>
+__forceinline__ __device__ void convert_fragment_into(Tensor<SrcEngine, SrcLayout> const& src,
+                                                      Tensor<DstEngine, DstLayout>& dst) {
+  using From = typename SrcEngine::value_type;
+  using To = typename DstEngine::value_type;
+  constexpr int kNumel = decltype(size(src))::value;
+  static_assert(decltype(size(dst))::value == kNumel);
+  cutlass::NumericArrayConverter<To, From, kNumel> convert;
+  *reinterpret_cast<cutlass::Array<To, kNumel>*>(dst.data()) =
+      convert(*reinterpret_cast<const cutlass::Array<From, kNumel>*>(src.data()));
+}
+
 // Converts a register fragment of floats to `To`, keeping its layout.
 template <typename To, typename Engine, typename Layout>
 __forceinline__ __device__ auto convert_fragment(Tensor<Engine, Layout> const& src) {
