@@ -8,7 +8,7 @@ both element types, so a build compiles the head dims it needs in parallel. Run 
 import pathlib
 
 HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
-SM90_FWD_HEAD_DIMS = (128, 256)  # fwd_sm90_traits.h; CMakeLists.txt lists them too
+SM90_FWD_HEAD_DIMS = (128, 256)  # those with tiles in fwd_sm90_traits.h
 ELEMENT_TYPES = ("cutlass::half_t", "cutlass::bfloat16_t")
 # (unit name, launch template, function, params type, head dims)
 UNITS = (
@@ -30,16 +30,23 @@ namespace jax_flash {{
 INSTANCE = "template cudaError_t {function}<{head_dim}, {element}>(const {params}&, cudaStream_t);"
 
 
-def main() -> None:
-    out_dir = pathlib.Path(__file__).resolve().parent / "instantiations"
-    out_dir.mkdir(exist_ok=True)
+def units() -> dict[str, str]:
+    """File name → contents of every unit."""
+    files = {}
     for unit, header, function, params, head_dims in UNITS:
         for head_dim in head_dims:
             instances = "\n".join(
                 INSTANCE.format(function=function, head_dim=head_dim, element=e, params=params)
                 for e in ELEMENT_TYPES)
-            path = out_dir / f"flash_{unit}_hdim{head_dim}.cu"
-            path.write_text(TEMPLATE.format(header=header, instances=instances))
+            files[f"flash_{unit}_hdim{head_dim}.cu"] = TEMPLATE.format(header=header, instances=instances)
+    return files
+
+
+def main() -> None:
+    out_dir = pathlib.Path(__file__).resolve().parent / "instantiations"
+    out_dir.mkdir(exist_ok=True)
+    for name, text in units().items():
+        (out_dir / name).write_text(text)
 
 
 if __name__ == "__main__":
