@@ -12,6 +12,7 @@
 
 #include "attention_mask.h"
 #include "flash_params.h"
+#include "fwd_head_tiles.h"
 #include "online_softmax.h"
 #include "register_layouts.h"
 #include "sm90_wgmma.h"
@@ -37,32 +38,19 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
-  const int head_k = head / (params.num_heads / params.num_heads_k);
 
   const AttentionMask<kBlockM, kBlockN> mask{params};
   const int n_block_begin = mask.n_block_begin(m_block);
   const int n_block_end = mask.n_block_end(m_block);
   const int rows_in_tile = min(kBlockM, params.seqlen_q - m_block * kBlockM);
 
-  // ---- Global tensors of this (batch, head) ----
-  Tensor mQ = make_tensor(make_gmem_ptr(static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
-                                        head * params.q_head_stride),
-                          make_shape(params.seqlen_q, Int<kHeadDim>{}), make_stride(params.q_row_stride, _1{}));
-  Tensor mK = make_tensor(make_gmem_ptr(static_cast<const Element*>(params.k) + batch * params.k_batch_stride +
-                                        head_k * params.k_head_stride),
-                          make_shape(params.seqlen_k, Int<kHeadDim>{}), make_stride(params.k_row_stride, _1{}));
-  Tensor mV = make_tensor(make_gmem_ptr(static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
-                                        head_k * params.v_head_stride),
-                          make_shape(params.seqlen_k, Int<kHeadDim>{}), make_stride(params.v_row_stride, _1{}));
-  Tensor mO = make_tensor(make_gmem_ptr(static_cast<Element*>(params.out) + batch * params.out_batch_stride +
-                                        head * params.out_head_stride),
-                          make_shape(params.seqlen_q, Int<kHeadDim>{}), make_stride(params.out_row_stride, _1{}));
-  float* lse_row = params.lse + (int64_t(batch) * params.num_heads + head) * params.seqlen_q;
-
-  Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (kBlockM, kHeadDim)
-  Tensor gO = local_tile(mO, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (kBlockM, kHeadDim)
-  Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));  // (kBlockN, kHeadDim, n)
-  Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));  // (kBlockN, kHeadDim, n)
+  // ---- Global tiles of this (batch, head) ----
+  auto tiles = fwd_head_tiles<Element, kBlockM, kBlockN, kHeadDim>(params, batch, head, m_block);
+  Tensor gQ = get<0>(tiles);  // (kBlockM, kHeadDim)
+  Tensor gK = get<1>(tiles);  // (kBlockN, kHeadDim, n)
+  Tensor gV = get<2>(tiles);  // (kBlockN, kHeadDim, n)
+  Tensor gO = get<3>(tiles);  // (kBlockM, kHeadDim)
+  float* lse_row = lse_row_of(params, batch, head);
   Tensor cQ = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});   // (kBlockM, kHeadDim) -> (row, col)
   Tensor cKV = make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{});  // (kBlockN, kHeadDim) -> (row, col)
 
