@@ -1,5 +1,12 @@
 """Shared fixtures; tests marked `gpu` skip where JAX sees no CUDA GPU."""
 
+import os
+
+# Under pytest-xdist several worker processes share one GPU: none may take most of its memory up
+# front (JAX's default). Set before JAX creates a backend.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 import jax
 import jax.numpy as jnp
 import numpy as np
