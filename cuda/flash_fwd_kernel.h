@@ -57,11 +57,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   const int rows_in_tile = min(kBlockM, params.seqlen_q - m_block * kBlockM);
 
   // ---- Global tiles of this (batch, head) ----
-  auto tiles = fwd_head_tiles<Element, kBlockM, kBlockN, kHeadDim>(params, batch, head, m_block);
-  Tensor gQ = get<0>(tiles);  // (kBlockM, kHeadDim)
-  Tensor gK = get<1>(tiles);  // (kBlockN, kHeadDim, n)
-  Tensor gV = get<2>(tiles);  // (kBlockN, kHeadDim, n)
-  Tensor gO = get<3>(tiles);  // (kBlockM, kHeadDim)
+  // (kBlockM, kHeadDim), (kBlockN, kHeadDim, n) twice, (kBlockM, kHeadDim)
+  auto [gQ, gK, gV, gO] = fwd_head_tiles<Element, kBlockM, kBlockN, kHeadDim>(params, batch, head, m_block);
   float* lse_row = lse_row_of(params, batch, head);
   Tensor cQ = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});   // (kBlockM, kHeadDim) -> (row, col)
   Tensor cKV = make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{});  // (kBlockN, kHeadDim) -> (row, col)
