@@ -29,10 +29,8 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) 
 
 template <int kHeadDim, typename Element>
 cudaError_t run_flash_fwd_hdim(const FlashFwdParams& params, cudaStream_t stream) {
-  const bool score_mods = params.softcap > 0.f || params.alibi_slopes != nullptr || params.mask.bits != nullptr ||
-                          params.bias.data != nullptr || params.dropout.seed != nullptr;
-  return score_mods ? launch_flash_fwd<kHeadDim, Element, true>(params, stream)
-                    : launch_flash_fwd<kHeadDim, Element, false>(params, stream);
+  return has_score_mods(params) ? launch_flash_fwd<kHeadDim, Element, true>(params, stream)
+                                : launch_flash_fwd<kHeadDim, Element, false>(params, stream);
 }
 
 }  // namespace jax_flash

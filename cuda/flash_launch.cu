@@ -105,10 +105,7 @@ cudaError_t over_batch_slices(int batch, Launch&& launch) {
 // packed-sequence ranges.
 bool use_sm90_fwd(const FlashFwdParams& p) {
   using Sm90HeadDims = HeadDimList<JAX_FLASH_SM90_FWD_HEAD_DIM_LIST>;
-  if (!contains(Sm90HeadDims{}, p.head_dim) || p.softcap > 0.f || p.alibi_slopes || p.mask.bits || p.bias.data ||
-      p.dropout.seed || p.row_ranges) {
-    return false;
-  }
+  if (!contains(Sm90HeadDims{}, p.head_dim) || has_score_mods(p) || p.row_ranges) return false;
   int device = 0, major = 0, minor = 0;
   return cudaGetDevice(&device) == cudaSuccess &&
          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&

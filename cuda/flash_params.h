@@ -101,6 +101,13 @@ struct FlashFwdParams {
   const int* kv_segment_ids;  // [batch, seqlen_k]
 };
 
+// Whether any score modifier is on: softcap, ALiBi, mask, bias or dropout (the forward kernels
+// compiled with them, kScoreMods, run those; the Hopper forward has none).
+inline bool has_score_mods(const FlashFwdParams& p) {
+  return p.softcap > 0.f || p.alibi_slopes != nullptr || p.mask.bits != nullptr || p.bias.data != nullptr ||
+         p.dropout.seed != nullptr;
+}
+
 // Backward pass. The forward's fields describe q, k, v and lse (out is not read); dout is laid out
 // like out. dk and dv are per query head: under GQA the caller sums each group's heads.
 struct FlashBwdParams {

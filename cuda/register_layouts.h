@@ -47,12 +47,8 @@ __forceinline__ __device__ void convert_fragment_into(Tensor<SrcEngine, SrcLayou
 // Converts a register fragment of floats to `To`, keeping its layout.
 template <typename To, typename Engine, typename Layout>
 __forceinline__ __device__ auto convert_fragment(Tensor<Engine, Layout> const& src) {
-  using From = typename Engine::value_type;
-  constexpr int kNumel = decltype(size(src))::value;
   Tensor dst = make_tensor<To>(src.layout());
-  cutlass::NumericArrayConverter<To, From, kNumel> convert;
-  *reinterpret_cast<cutlass::Array<To, kNumel>*>(dst.data()) =
-      convert(*reinterpret_cast<const cutlass::Array<From, kNumel>*>(src.data()));
+  convert_fragment_into(src, dst);
   return dst;
 }
 
