@@ -1,5 +1,6 @@
 // Launch of the Hopper forward kernel for one head dim and element type (instantiated per head
-// dim in instantiations/, compiled for sm_90a only).
+// dim in instantiations/, compiled for sm_90a only): the TMA descriptors of Q, K and V, then the
+// kernel.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -13,12 +14,35 @@ namespace jax_flash {
 template <int kHeadDim, typename Element>
 cudaError_t run_flash_fwd_sm90_hdim(const FlashFwdParams& params, cudaStream_t stream) {
   using Traits = Sm90FwdTraits<kHeadDim, Element>;
+  // (seqlen, head dim, heads, batch) views of the [batch, seqlen, heads, head dim] buffers. The
+  // descriptors are encoded through the driver entry point CUTLASS looks up at run time, so _C
+  // needs no link to the driver library.
+  auto matrix = [&](const void* data, int seqlen, int heads, int64_t row_stride, int64_t head_stride,
+                    int64_t batch_stride) {
+    return make_tensor(make_gmem_ptr(static_cast<Element const*>(data)),
+                       make_shape(seqlen, Int<kHeadDim>{}, heads, params.batch),
+                       make_stride(row_stride, _1{}, head_stride, batch_stride));
+  };
+  const Sm90FwdArgs<Traits> args{
+      params,
+      make_tma_copy(SM90_TMA_LOAD{},
+                    matrix(params.q, params.seqlen_q, params.num_heads, params.q_row_stride, params.q_head_stride,
+                           params.q_batch_stride),
+                    typename Traits::SmemLayoutQ{}),
+      make_tma_copy(SM90_TMA_LOAD{},
+                    matrix(params.k, params.seqlen_k, params.num_heads_k, params.k_row_stride, params.k_head_stride,
+                           params.k_batch_stride),
+                    typename Traits::SmemLayoutKVTile{}),
+      make_tma_copy(SM90_TMA_LOAD{},
+                    matrix(params.v, params.seqlen_k, params.num_heads_k, params.v_row_stride, params.v_head_stride,
+                           params.v_batch_stride),
+                    typename Traits::SmemLayoutKVTile{})};
   auto kernel = &flash_fwd_sm90_kernel<Traits>;
   constexpr int kSmemBytes = Traits::kSmemBytes;
   const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (status != cudaSuccess) return status;
   const dim3 grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, params.num_heads, params.batch);
-  kernel<<<grid, Traits::kNThreads, kSmemBytes, stream>>>(params);
+  kernel<<<grid, Traits::kNThreads, kSmemBytes, stream>>>(args);
   return cudaGetLastError();
 }
 

@@ -2,6 +2,7 @@
 // beyond the grid limit, then picks the instantiation for the element type and head dim. Only
 // head dims compiled into this build exist.
 #include <cfloat>
+#include <cstdint>
 #include <type_traits>
 
 #include <cutlass/numeric_types.h>
@@ -106,6 +107,15 @@ cudaError_t over_batch_slices(int batch, Launch&& launch) {
 bool use_sm90_fwd(const FlashFwdParams& p) {
   using Sm90HeadDims = HeadDimList<JAX_FLASH_SM90_FWD_HEAD_DIM_LIST>;
   if (!contains(Sm90HeadDims{}, p.head_dim) || has_score_mods(p) || p.row_ranges) return false;
+  // TMA reads from 16-byte aligned addresses and row, head and batch strides.
+  auto aligned = [](const void* data, int64_t row, int64_t head, int64_t batch) {
+    return reinterpret_cast<uintptr_t>(data) % 16 == 0 && row % 8 == 0 && head % 8 == 0 && batch % 8 == 0;
+  };
+  if (!aligned(p.q, p.q_row_stride, p.q_head_stride, p.q_batch_stride) ||
+      !aligned(p.k, p.k_row_stride, p.k_head_stride, p.k_batch_stride) ||
+      !aligned(p.v, p.v_row_stride, p.v_head_stride, p.v_batch_stride)) {
+    return false;
+  }
   int device = 0, major = 0, minor = 0;
   return cudaGetDevice(&device) == cudaSuccess &&
          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&

@@ -1,22 +1,24 @@
-// Compile-time description of the Hopper (sm_90a) forward kernel for one head dim: two warpgroups
-// of 64 query rows each, wgmma with Q and K read from shared memory for S = QKᵀ and P from
-// registers for O = PV, K and V in cp.async rings.
+// Compile-time description of the Hopper (sm_90a) forward kernel for one head dim: a producer
+// warpgroup loading Q, K and V by TMA into mbarrier-guarded rings, and two consumer warpgroups
+// of 64 query rows each, wgmma with Q and K read from shared memory for S = QKᵀ and P
+// from registers for O = PV.
 #pragma once
 
 #include <cute/tensor.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
-
-#include "sm80_atoms.h"
+#include <cutlass/pipeline/sm90_pipeline.hpp>
 
 namespace jax_flash {
 
 using namespace cute;
 
 // Key tile per head dim: the S accumulator takes kBlockN/2 registers per thread and O's takes
-// kHeadDim/2. kStages slots of K and of V, as many as the 227 KiB of shared memory hold next to
-// Q. Head dim 64 has none: this design ran it at 253 TFLOP/s against the SM80 kernel's 293 (H200,
-// 4k, 2026-12-01), so it stays there.
+// kHeadDim/2. kStages slots of K and of V, as many as the 227 KiB of shared memory hold next to Q.
+// Head dim 64 keeps two consumer warpgroups too: three (192 query rows at 160 registers, which
+// spilled) ran at 398 TFLOP/s against two's 410 (H200, 4k, 2026-12-01).
 template <int kHeadDim> struct Sm90FwdTileSize;
+template <> struct Sm90FwdTileSize<64> { static constexpr int kBlockN = 128, kStages = 3; };
 template <> struct Sm90FwdTileSize<128> { static constexpr int kBlockN = 128, kStages = 3; };
 template <> struct Sm90FwdTileSize<256> { static constexpr int kBlockN = 64, kStages = 2; };
 
@@ -24,15 +26,18 @@ template <int kHeadDim_, typename Element_>
 struct Sm90FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kWarpGroups = 2;
-  static constexpr int kBlockM = 64 * kWarpGroups;
+  static constexpr int kMmaWarpGroups = 2;
+  // setmaxnreg: the producer gives its registers to the consumers (all within the SM's 64K).
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(128 * (kMmaWarpGroups * kConsumerRegs + kProducerRegs) <= 64 * 1024, "more registers than an SM has");
+  static constexpr int kBlockM = 64 * kMmaWarpGroups;
   static constexpr int kBlockN = Sm90FwdTileSize<kHeadDim>::kBlockN;
-  static constexpr int kNThreads = 128 * kWarpGroups;
+  static constexpr int kNThreads = 128 * (kMmaWarpGroups + 1);  // the producer warpgroup first
   static constexpr int kStages = Sm90FwdTileSize<kHeadDim>::kStages;
   static_assert(kHeadDim % 64 == 0, "the 128-byte swizzle atom spans 64 elements of a row");
 
   // Warpgroups stacked along the query rows: each owns 64 rows of S and O.
-  using WarpGroupLayout = Layout<Shape<Int<kWarpGroups>, _1, _1>>;
+  using WarpGroupLayout = Layout<Shape<Int<kMmaWarpGroups>, _1, _1>>;
   using TiledMmaS = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockN>, Int<kHeadDim>>>(), WarpGroupLayout{}));
   using TiledMmaO = decltype(make_tiled_mma(
@@ -48,13 +53,28 @@ struct Sm90FwdTraits {
   using SmemLayoutVt = decltype(composition(
       SmemLayoutKV{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
 
-  static constexpr int kSmemQBytes = int(cosize_v<SmemLayoutQ>) * int(sizeof(Element));
-  static constexpr int kSmemKVBytes = int(cosize_v<SmemLayoutKV>) * int(sizeof(Element));
-  static constexpr int kSmemBytes = kSmemQBytes + 2 * kSmemKVBytes;
-  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an SM90 CTA may have");
+  using SmemLayoutKVTile = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
 
-  // Global → shared: the SM80 family's 16-byte cp.async over all threads.
-  using GmemTiledCopyAsync = typename Sm80Atoms<Element, kHeadDim, kNThreads>::GmemTiledCopyAsync;
+  // Q, K and V in global memory as TMA sees them: (seqlen, head dim, heads, batch).
+  using GmemShape = Shape<int32_t, Int<kHeadDim>, int32_t, int32_t>;
+  using GmemStride = Stride<int64_t, _1, int64_t, int64_t>;
+  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemShape{}, GmemStride{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{}));
+  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutKVTile{}));
+  static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kKVTileBytes = kBlockN * kHeadDim * sizeof(Element);
+
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;  // 1024: the swizzle's period
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
+    typename Pipeline::SharedStorage pipeline_k;
+    typename Pipeline::SharedStorage pipeline_v;
+    alignas(8) uint64_t q_barrier;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an SM90 CTA may have");
 };
 
 }  // namespace jax_flash
