@@ -77,6 +77,24 @@ struct AttentionMask {
       }
     }
   }
+
+  // The same on a transposed tile (rows are keys, columns queries; the Hopper backward's Sᵀ),
+  // its first row key first_key and first column query first_query.
+  template <typename Scores, typename Coords>
+  __forceinline__ __device__ void apply_transposed(Scores& scores, Coords const& coords, int first_key,
+                                                   int first_query) const {
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(scores); ++c) {
+      const int diagonal = first_query + get<1>(coords(0, c)) + shift();
+      const int key_begin = window_left() < 0 ? INT_MIN : diagonal - window_left();
+      const int key_end = window_right() < 0 ? seqlen_k() : min(seqlen_k(), diagonal + window_right() + 1);
+      CUTE_UNROLL
+      for (int r = 0; r < size<0>(scores); ++r) {
+        const int key = first_key + get<0>(coords(r, 0));
+        if (key < key_begin || key >= key_end) scores(r, c) = -INFINITY;
+      }
+    }
+  }
 };
 
 }  // namespace jax_flash

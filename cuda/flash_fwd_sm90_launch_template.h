@@ -8,20 +8,18 @@
 #include "flash_fwd_sm90_kernel.h"
 #include "flash_params.h"
 #include "fwd_sm90_traits.h"
+#include "sm90_gmem_matrix.h"
 
 namespace jax_flash {
 
 template <int kHeadDim, typename Element>
 cudaError_t run_flash_fwd_sm90_hdim(const FlashFwdParams& params, cudaStream_t stream) {
   using Traits = Sm90FwdTraits<kHeadDim, Element>;
-  // (seqlen, head dim, heads, batch) views of the [batch, seqlen, heads, head dim] buffers. The
-  // descriptors are encoded through the driver entry point CUTLASS looks up at run time, so _C
+  // The descriptors are encoded through the driver entry point CUTLASS looks up at run time, so _C
   // needs no link to the driver library.
   auto matrix = [&](const void* data, int seqlen, int heads, int64_t row_stride, int64_t head_stride,
                     int64_t batch_stride) {
-    return make_tensor(make_gmem_ptr(static_cast<Element const*>(data)),
-                       make_shape(seqlen, Int<kHeadDim>{}, heads, params.batch),
-                       make_stride(row_stride, _1{}, head_stride, batch_stride));
+    return sm90_gmem_matrix<kHeadDim, Element>(data, seqlen, heads, params.batch, row_stride, head_stride, batch_stride);
   };
   const Sm90FwdArgs<Traits> args{
       params,

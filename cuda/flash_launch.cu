@@ -18,6 +18,8 @@ template <int kHeadDim, typename Element>
 cudaError_t run_flash_bwd_hdim(const FlashBwdParams& params, cudaStream_t stream);
 template <int kHeadDim, typename Element>
 cudaError_t run_flash_fwd_sm90_hdim(const FlashFwdParams& params, cudaStream_t stream);
+template <int kHeadDim, typename Element>
+cudaError_t run_flash_bwd_sm90_hdim(const FlashBwdParams& params, cudaStream_t stream);
 
 namespace {
 
@@ -101,26 +103,40 @@ cudaError_t over_batch_slices(int batch, Launch&& launch) {
   return cudaSuccess;
 }
 
-// The Hopper forward runs where it was built for the head dim, the device has compute capability
-// 9.0 (sm_90a code runs there only) and nothing asks for the SM80 family's score modifiers or
-// packed-sequence ranges.
-bool use_sm90_fwd(const FlashFwdParams& p) {
-  using Sm90HeadDims = HeadDimList<JAX_FLASH_SM90_FWD_HEAD_DIM_LIST>;
-  if (!contains(Sm90HeadDims{}, p.head_dim) || has_score_mods(p) || p.row_ranges) return false;
-  // TMA reads from 16-byte aligned addresses and row, head and batch strides.
-  auto aligned = [](const void* data, int64_t row, int64_t head, int64_t batch) {
-    return reinterpret_cast<uintptr_t>(data) % 16 == 0 && row % 8 == 0 && head % 8 == 0 && batch % 8 == 0;
-  };
-  if (!aligned(p.q, p.q_row_stride, p.q_head_stride, p.q_batch_stride) ||
-      !aligned(p.k, p.k_row_stride, p.k_head_stride, p.k_batch_stride) ||
-      !aligned(p.v, p.v_row_stride, p.v_head_stride, p.v_batch_stride)) {
-    return false;
-  }
+// TMA reads from 16-byte aligned addresses and row, head and batch strides.
+bool tma_aligned(const void* data, int64_t row_stride, int64_t head_stride, int64_t batch_stride) {
+  return reinterpret_cast<uintptr_t>(data) % 16 == 0 && row_stride % 8 == 0 && head_stride % 8 == 0 &&
+         batch_stride % 8 == 0;
+}
+
+// sm_90a code runs on devices of compute capability 9.0 only.
+bool device_is_sm90() {
   int device = 0, major = 0, minor = 0;
   return cudaGetDevice(&device) == cudaSuccess &&
          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
          cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess && major == 9 &&
          minor == 0;
+}
+
+// The Hopper kernels run where they were built for the head dim, on an SM90 device, when nothing
+// asks for the SM80 family's score modifiers or packed-sequence ranges.
+bool use_sm90_fwd(const FlashFwdParams& p) {
+  using Sm90HeadDims = HeadDimList<JAX_FLASH_SM90_FWD_HEAD_DIM_LIST>;
+  return contains(Sm90HeadDims{}, p.head_dim) && !has_score_mods(p) && !p.row_ranges &&
+         tma_aligned(p.q, p.q_row_stride, p.q_head_stride, p.q_batch_stride) &&
+         tma_aligned(p.k, p.k_row_stride, p.k_head_stride, p.k_batch_stride) &&
+         tma_aligned(p.v, p.v_row_stride, p.v_head_stride, p.v_batch_stride) && device_is_sm90();
+}
+
+// The backward also leaves the deterministic mode to the SM80 family.
+bool use_sm90_bwd(const FlashBwdParams& params) {
+  using Sm90HeadDims = HeadDimList<JAX_FLASH_SM90_BWD_HEAD_DIM_LIST>;
+  const FlashFwdParams& p = params.fwd;
+  return contains(Sm90HeadDims{}, p.head_dim) && !has_score_mods(p) && !p.row_ranges && !params.dq_semaphore &&
+         tma_aligned(p.q, p.q_row_stride, p.q_head_stride, p.q_batch_stride) &&
+         tma_aligned(p.k, p.k_row_stride, p.k_head_stride, p.k_batch_stride) &&
+         tma_aligned(p.v, p.v_row_stride, p.v_head_stride, p.v_batch_stride) &&
+         tma_aligned(params.dout, p.out_row_stride, p.out_head_stride, p.out_batch_stride) && device_is_sm90();
 }
 
 }  // namespace
@@ -162,6 +178,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
   const bool dbias_atomic = (p.batch > 1 && b.batch_stride == 0) || (p.num_heads > 1 && b.head_stride == 0) ||
                             (p.seqlen_q > 1 && b.row_stride == 0) || (p.seqlen_k > 1 && b.col_stride == 0);
   const int64_t semaphore_counters = (p.seqlen_q + kDqSemaphoreRowsPerCounter - 1) / kDqSemaphoreRowsPerCounter;
+  const bool sm90 = use_sm90_bwd(params);
   return over_batch_slices(p.batch, [&](int64_t first, int count) {
     FlashBwdParams slice = params;
     slice.dbias_atomic = dbias_atomic;
@@ -176,6 +193,12 @@ cudaError_t run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
     if (params.dbias) slice.dbias = params.dbias + first * p.bias.batch_stride;
     if (params.dalibi_partial) {
       slice.dalibi_partial = params.dalibi_partial + first * p.num_heads * alibi_partials(p.seqlen_k);
+    }
+    if (sm90) {
+      return for_dtype_and_head_dim<HeadDimList<JAX_FLASH_SM90_BWD_HEAD_DIM_LIST>>(
+          p.dtype, p.head_dim, [&](auto element, auto dim) {
+            return run_flash_bwd_sm90_hdim<decltype(dim)::value, decltype(element)>(slice, stream);
+          });
     }
     return for_dtype_and_head_dim(p.dtype, p.head_dim, [&](auto element, auto dim) {
       return run_flash_bwd_hdim<decltype(dim)::value, decltype(element)>(slice, stream);

@@ -116,7 +116,8 @@ struct FlashBwdParams {
   const float* delta;   // [batch, num_heads, seqlen_q]: rowsum(dout ∘ out) − dlse
   void* dq;             // [batch, seqlen_q, num_heads, head_dim], strides of q: softmax_scale · Σ dS·K
   float* dq_accum;      // workspace [batch, num_heads, round_up(seqlen_q, kDqAccumRowsMultiple), head_dim],
-                        // zeroed: Σ dS·K, each query tile's values in the order the kernel's threads hold them
+                        // zeroed: Σ dS·K, each query tile's block in the order of the kernel that runs (the
+                        // SM80 family's: as its threads hold the values; the Hopper one's: rows)
   void* dk;             // [batch, seqlen_k, num_heads, head_dim]
   void* dv;             // [batch, seqlen_k, num_heads, head_dim], strides of dk
   int64_t dkv_batch_stride, dkv_row_stride, dkv_head_stride;

@@ -9,6 +9,8 @@
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include "sm90_gmem_matrix.h"
+
 namespace jax_flash {
 
 using namespace cute;
@@ -55,12 +57,8 @@ struct Sm90FwdTraits {
 
   using SmemLayoutKVTile = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
 
-  // Q, K and V in global memory as TMA sees them: (seqlen, head dim, heads, batch).
-  using GmemShape = Shape<int32_t, Int<kHeadDim>, int32_t, int32_t>;
-  using GmemStride = Stride<int64_t, _1, int64_t, int64_t>;
-  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemShape{}, GmemStride{}));
-  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{}));
-  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutKVTile{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, Sm90GmemMatrix<kHeadDim, Element>{}, SmemLayoutQ{}));
+  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, Sm90GmemMatrix<kHeadDim, Element>{}, SmemLayoutKVTile{}));
   static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kKVTileBytes = kBlockN * kHeadDim * sizeof(Element);
 

@@ -1,5 +1,5 @@
-"""Writes cuda/instantiations/flash_{fwd,bwd}_hdim<D>.cu and flash_fwd_sm90_hdim<D>.cu (the Hopper
-forward, for the head dims it has tiles for): one translation unit per pass and head dim, holding
+"""Writes cuda/instantiations/flash_{fwd,bwd}_hdim<D>.cu and flash_{fwd,bwd}_sm90_hdim<D>.cu (the
+Hopper kernels, for the head dims they have tiles for): one translation unit per pass and head dim, holding
 both element types, so a build compiles the head dims it needs in parallel. Run from anywhere:
 
     python cuda/generate_instantiations.py
@@ -9,6 +9,7 @@ import pathlib
 
 HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
 SM90_FWD_HEAD_DIMS = (64, 128, 256)  # those with tiles in fwd_sm90_traits.h
+SM90_BWD_HEAD_DIMS = (128,)  # those with tiles in bwd_sm90_traits.h
 ELEMENT_TYPES = ("cutlass::half_t", "cutlass::bfloat16_t")
 # (unit name, launch template, function, params type, head dims)
 UNITS = (
@@ -16,6 +17,8 @@ UNITS = (
     ("bwd", "flash_bwd_launch_template.h", "run_flash_bwd_hdim", "FlashBwdParams", HEAD_DIMS),
     ("fwd_sm90", "flash_fwd_sm90_launch_template.h", "run_flash_fwd_sm90_hdim", "FlashFwdParams",
      SM90_FWD_HEAD_DIMS),
+    ("bwd_sm90", "flash_bwd_sm90_launch_template.h", "run_flash_bwd_sm90_hdim", "FlashBwdParams",
+     SM90_BWD_HEAD_DIMS),
 )
 
 TEMPLATE = """\

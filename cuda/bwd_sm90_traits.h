@@ -1,0 +1,90 @@
+// Compile-time description of the Hopper (sm_90a) backward kernel for one head dim: a producer
+// warpgroup loading K and V once and Q, dO tiles by TMA (lse and delta rows by one warp), and two
+// consumer warpgroups owning 64 keys each. Scores are formed transposed (Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ:
+// keys are the wgmma's M), so that Pᵀ and dSᵀ are already the register A operands of dV += Pᵀ·dO and
+// dK += dSᵀ·Q. dQ = dS·K needs every key of the tile: dS goes through shared memory.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "sm90_gmem_matrix.h"
+
+namespace jax_flash {
+
+using namespace cute;
+
+// Query tile per head dim. Per consumer thread: Sᵀ and dPᵀ take kBlockM/2 registers each, dK and
+// dV kHeadDim/2 each. Each consumer warpgroup computes a 64-row × kDqCols block of the tile's dQ.
+template <int kHeadDim> struct Sm90BwdTileSize;
+template <> struct Sm90BwdTileSize<64> { static constexpr int kBlockM = 128; };
+template <> struct Sm90BwdTileSize<128> { static constexpr int kBlockM = 64; };
+
+template <int kHeadDim_, typename Element_>
+struct Sm90BwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kMmaWarpGroups = 2;
+  static constexpr int kBlockM = Sm90BwdTileSize<kHeadDim>::kBlockM;
+  static constexpr int kBlockN = 64 * kMmaWarpGroups;  // 64 keys per consumer warpgroup
+  static constexpr int kStages = 2;                    // of Q, dO and their row statistics
+  static constexpr int kNThreads = 128 * (kMmaWarpGroups + 1);  // the producer warpgroup first
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(128 * (kMmaWarpGroups * kConsumerRegs + kProducerRegs) <= 64 * 1024, "more registers than an SM has");
+  // The dQ tile (kBlockM × kHeadDim) split into one 64 × kDqCols block per consumer warpgroup.
+  static constexpr int kDqCols = kHeadDim * kBlockM / (64 * kMmaWarpGroups);
+  static constexpr int kDqColBlocks = kHeadDim / kDqCols;
+  static_assert(kDqCols % 64 == 0, "a dQ block spans whole 128-byte swizzle atoms of K's columns");
+
+  using TiledMmaSdP = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockM>, Int<kHeadDim>>>()));
+  using TiledMmadKV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockM>>, GMMA::Major::K,
+                           GMMA::Major::MN>()));
+  using TiledMmadQ = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kDqCols>, Int<kBlockN>>, GMMA::Major::MN,
+                           GMMA::Major::MN>()));
+
+  // Rows of head_dim elements with the 128-byte swizzle; their transposed views (head dim × rows)
+  // are the MN-major B operands of dV, dK (dO, Q) and dQ (K).
+  using SmemAtom = GMMA::Layout_K_SW128_Atom<Element>;
+  using SmemLayoutKV = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  using SmemLayoutKt = decltype(composition(
+      SmemLayoutKV{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, Step<_2, _1>{})));
+  using SmemLayoutQTile = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));
+  using SmemLayoutQt = decltype(composition(
+      SmemLayoutQ{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+  // dS (queries × keys), queries contiguous: the MN-major A operand of dQ = dS·K, written from the
+  // dSᵀ accumulators as pairs of adjacent queries.
+  using SmemLayoutdS = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, Sm90GmemMatrix<kHeadDim, Element>{}, SmemLayoutQTile{}));
+  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, Sm90GmemMatrix<kHeadDim, Element>{}, SmemLayoutKV{}));
+  static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);
+
+  using PipelineQdO = cutlass::PipelineTmaAsync<kStages>;  // Q and dO of a query tile, one barrier
+  using PipelineStats = cutlass::PipelineAsync<kStages>;   // its lse·log2(e) and delta rows
+  static constexpr int kStatsThreads = 32;                 // one warp writes them
+
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;  // 1024: the swizzle's period
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
+    alignas(128) float dq[kBlockM * kHeadDim];  // this key tile's dQ share, rows of dq_accum's order
+    float lse_log2[kStages][kBlockM];
+    float delta[kStages][kBlockM];
+    typename PipelineQdO::SharedStorage pipeline_qdo;
+    typename PipelineStats::SharedStorage pipeline_stats;
+    alignas(8) uint64_t kv_barrier;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an SM90 CTA may have");
+};
+
+}  // namespace jax_flash

@@ -1,0 +1,302 @@
+// Backward kernel of the Hopper family (sm_90a), warp-specialized. One CTA owns kBlockN keys of one
+// (batch, head) and walks the query tiles that see them. The first warpgroup (the producer) loads
+// K and V once and each query tile's Q and dO by TMA into a ring of kStages slots (one thread), and
+// the tile's lse·log2(e) and delta rows into a ring beside it (one warp). Each of the two consumer
+// warpgroups owns 64 of the keys, with their dK and dV accumulators in registers:
+//   Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (wgmma, both operands in shared memory),
+//   Pᵀ = exp(scale·Sᵀ − lse), dSᵀ = Pᵀ ∘ (dPᵀ − delta) in registers,
+//   dV += Pᵀ·dO and dK += dSᵀ·Q (wgmma, Pᵀ and dSᵀ from registers),
+//   dS to shared memory; dQ = dS·K, each warpgroup a block of it, staged in shared memory and
+//   added to dq_accum (rows of float32, zeroed by the caller) by one TMA bulk reduction.
+// Plain attention, causal and windowed bands, GQA (dK, dV per query head); the score modifiers,
+// packed sequences and the deterministic mode stay on the SM80 family.
+#pragma once
+
+#include <cmath>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "attention_mask.h"
+#include "bwd_sm90_traits.h"
+#include "flash_params.h"
+#include "register_layouts.h"
+#include "sm90_wgmma.h"
+
+namespace jax_flash {
+
+using namespace cute;
+
+// The kernel's arguments: the parameters and the TMA descriptors the host built from them.
+template <typename Traits>
+struct Sm90BwdArgs {
+  FlashBwdParams params;
+  typename Traits::TmaQ tma_q;
+  typename Traits::TmaQ tma_do;
+  typename Traits::TmaKV tma_k;
+  typename Traits::TmaKV tma_v;
+};
+
+// Named barriers of the two consumer warpgroups (id 0 is __syncthreads').
+enum class Sm90BwdBarrier : int { kDsStored = 1, kDqStaged = 2 };
+
+__forceinline__ __device__ void consumers_sync(Sm90BwdBarrier id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(static_cast<int>(id)), "r"(threads) : "memory");
+}
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+    flash_bwd_sm90_kernel(const __grid_constant__ Sm90BwdArgs<Traits> args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Element = typename Traits::Element;
+  using PipelineQdO = typename Traits::PipelineQdO;
+  using PipelineStats = typename Traits::PipelineStats;
+  using PipelineState = cutlass::PipelineState<Traits::kStages>;
+  using KVBarrier = cutlass::arch::ClusterTransactionBarrier;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kConsumerThreads = 128 * Traits::kMmaWarpGroups;
+  const FlashBwdParams& params = args.params;
+  const FlashFwdParams& p = params.fwd;
+
+  extern __shared__ __align__(1024) char smem_sm90_bwd[];
+  auto& shared = *reinterpret_cast<typename Traits::SharedStorage*>(smem_sm90_bwd);
+
+  const int warp_group = threadIdx.x / 128;
+  const int n_block = blockIdx.x;
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const AttentionMask<kBlockM, kBlockN> mask{p};
+  const int m_begin = mask.m_block_begin(n_block);
+  const int m_end = mask.m_block_end(n_block);
+
+  // ---- Barriers: K and V's, the Q/dO ring's and the statistics ring's ----
+  if (threadIdx.x == 0) {
+    KVBarrier::init(&shared.kv_barrier, 1);
+    cute::prefetch_tma_descriptor(args.tma_q.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(args.tma_do.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(args.tma_k.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(args.tma_v.get_tma_descriptor());
+  }
+  typename PipelineQdO::Params qdo_params;
+  qdo_params.transaction_bytes = 2 * Traits::kQBytes;
+  qdo_params.role = warp_group == 0 ? PipelineQdO::ThreadCategory::Producer : PipelineQdO::ThreadCategory::Consumer;
+  qdo_params.is_leader = threadIdx.x == 0;
+  qdo_params.num_consumers = kConsumerThreads;
+  PipelineQdO pipeline_qdo(shared.pipeline_qdo, qdo_params, Shape<_1, _1, _1>{});
+  const bool stats_warp = threadIdx.x / 32 == 1;
+  typename PipelineStats::Params stats_params;
+  stats_params.role = stats_warp         ? PipelineStats::ThreadCategory::Producer
+                      : warp_group == 0 ? PipelineStats::ThreadCategory::NonParticipant
+                                        : PipelineStats::ThreadCategory::Consumer;
+  stats_params.producer_arv_count = Traits::kStatsThreads;
+  stats_params.consumer_arv_count = kConsumerThreads;
+  PipelineStats pipeline_stats(shared.pipeline_stats, stats_params);
+  __syncthreads();  // every barrier initialized before anyone waits on or arrives at one
+
+  Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});      // (kBlockM, d, slot)
+  Tensor sdO = make_tensor(make_smem_ptr(shared.dout.data()), typename Traits::SmemLayoutQ{});  // (kBlockM, d, slot)
+  Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutKV{});     // (kBlockN, d)
+  Tensor sV = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutKV{});     // (kBlockN, d)
+
+  if (warp_group == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
+    if (m_begin >= m_end) return;
+    if (threadIdx.x == 0) {
+      const int head_k = head / (p.num_heads / p.num_heads_k);
+      auto matrix = [&](auto const& tma, int seqlen, int heads) {  // (seqlen, d, heads, batch) coordinates
+        return tma.get_tma_tensor(make_shape(seqlen, Int<kHeadDim>{}, heads, p.batch));
+      };
+      Tensor gQ = local_tile(matrix(args.tma_q, p.seqlen_q, p.num_heads)(_, _, head, batch),
+                             Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, 0));  // (kBlockM, d, m)
+      Tensor gdO = local_tile(matrix(args.tma_do, p.seqlen_q, p.num_heads)(_, _, head, batch),
+                              Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, 0));  // (kBlockM, d, m)
+      Tensor gK = local_tile(matrix(args.tma_k, p.seqlen_k, p.num_heads_k)(_, _, head_k, batch),
+                             Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, 0));  // (kBlockN, d)
+      Tensor gV = local_tile(matrix(args.tma_v, p.seqlen_k, p.num_heads_k)(_, _, head_k, batch),
+                             Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, 0));  // (kBlockN, d)
+      auto [tQgQ, tQsQ] = tma_partition(args.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+      auto [tdOgdO, tdOsdO] =
+          tma_partition(args.tma_do, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+      auto [tKgK, tKsK] = tma_partition(args.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto [tVgV, tVsV] = tma_partition(args.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      KVBarrier::arrive_and_expect_tx(&shared.kv_barrier, 2 * Traits::kKVBytes);
+      copy(args.tma_k.with(shared.kv_barrier), tKgK, tKsK);
+      copy(args.tma_v.with(shared.kv_barrier), tVgV, tVsV);
+      PipelineState state = cutlass::make_producer_start_state<PipelineQdO>();
+      for (int m_block = m_begin; m_block < m_end; ++m_block) {
+        pipeline_qdo.producer_acquire(state);
+        auto* full = pipeline_qdo.producer_get_barrier(state);
+        copy(args.tma_q.with(*full), tQgQ(_, m_block), tQsQ(_, state.index()));
+        copy(args.tma_do.with(*full), tdOgdO(_, m_block), tdOsdO(_, state.index()));
+        ++state;
+      }
+    } else if (stats_warp) {
+      // lse·log2(e) and delta of each query row; rows past seqlen_q and rows that see no key
+      // (lse = -inf) get +inf, so that their P is exactly 0.
+      const int lane = threadIdx.x % 32;
+      const int64_t stats_offset = (int64_t(batch) * p.num_heads + head) * p.seqlen_q;
+      PipelineState state = cutlass::make_producer_start_state<PipelineStats>();
+      for (int m_block = m_begin; m_block < m_end; ++m_block) {
+        pipeline_stats.producer_acquire(state);
+        for (int i = lane; i < kBlockM; i += Traits::kStatsThreads) {
+          const int row = m_block * kBlockM + i;
+          const float lse = row < p.seqlen_q ? p.lse[stats_offset + row] : -INFINITY;
+          shared.lse_log2[state.index()][i] = lse == -INFINITY ? INFINITY : lse * float(M_LOG2E);
+          shared.delta[state.index()][i] = row < p.seqlen_q ? params.delta[stats_offset + row] : 0.f;
+        }
+        pipeline_stats.producer_commit(state);
+        ++state;
+      }
+    }
+    return;
+  }
+
+  // ---- Consumers ----
+  cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
+  const int consumer = warp_group - 1;  // owns keys [64·consumer, 64·consumer + 64) of the tile
+  const int thread_idx = threadIdx.x % 128;
+  const bool dq_leader = threadIdx.x == 128;  // issues the dQ reductions
+
+  typename Traits::TiledMmaSdP mma_sdp;
+  typename Traits::TiledMmadKV mma_dkv;
+  typename Traits::TiledMmadQ mma_dq;
+  auto thr_sdp = mma_sdp.get_thread_slice(thread_idx);
+  auto thr_dkv = mma_dkv.get_thread_slice(thread_idx);
+  auto thr_dq = mma_dq.get_thread_slice(thread_idx);
+
+  Tensor sQt = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQt{});      // (d, kBlockM, slot)
+  Tensor sdOt = make_tensor(make_smem_ptr(shared.dout.data()), typename Traits::SmemLayoutQt{});  // (d, kBlockM, slot)
+  Tensor sKt = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutKt{});      // (d, kBlockN)
+  Tensor sdS = make_tensor(make_smem_ptr(shared.ds.data()), typename Traits::SmemLayoutdS{});     // (kBlockM, kBlockN)
+  Tensor sK_mine = local_tile(sK, Shape<_64, Int<kHeadDim>>{}, make_coord(consumer, 0));  // (64, d)
+  Tensor sV_mine = local_tile(sV, Shape<_64, Int<kHeadDim>>{}, make_coord(consumer, 0));  // (64, d)
+  // This warpgroup's block of dQ: 64 query rows × kDqCols head-dim columns.
+  const int dq_row_block = consumer / Traits::kDqColBlocks;
+  const int dq_col_block = consumer % Traits::kDqColBlocks;
+  Tensor sdS_mine = local_tile(sdS, Shape<_64, Int<kBlockN>>{}, make_coord(dq_row_block, 0));                // (64, kBlockN)
+  Tensor sKt_mine = local_tile(sKt, Shape<Int<Traits::kDqCols>, Int<kBlockN>>{}, make_coord(dq_col_block, 0));  // (kDqCols, kBlockN)
+
+  Tensor tSrK = thr_sdp.partition_fragment_A(sK_mine);   // (MMA, MMA_M, MMA_K)
+  Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);        // (MMA, MMA_N, MMA_K, slot)
+  Tensor tdPrV = thr_sdp.partition_fragment_A(sV_mine);  // (MMA, MMA_M, MMA_K)
+  Tensor tdPrdO = thr_sdp.partition_fragment_B(sdO);     // (MMA, MMA_N, MMA_K, slot)
+  Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);   // (MMA, MMA_N, MMA_K, slot)
+  Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);     // (MMA, MMA_N, MMA_K, slot)
+  Tensor tdQrdS = thr_dq.partition_fragment_A(sdS_mine);  // (MMA, MMA_M, MMA_K)
+  Tensor tdQrKt = thr_dq.partition_fragment_B(sKt_mine);  // (MMA, MMA_N, MMA_K)
+
+  Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<_64, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_N)
+  Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<_64, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_N)
+  clear(acc_dk);
+  clear(acc_dv);
+  // Pᵀ and dSᵀ as the register A operands of dV and dK.
+  using AccSLayout = decltype(partition_fragment_C(mma_sdp, Shape<_64, Int<kBlockM>>{}).layout());
+  Tensor tPr = make_tensor<Element>(wgmma_acc_to_a_layout(AccSLayout{}));   // (MMA, MMA_M, MMA_K)
+  Tensor tdSr = make_tensor<Element>(wgmma_acc_to_a_layout(AccSLayout{}));  // (MMA, MMA_M, MMA_K)
+
+  // (key, query) in this warpgroup's 64 × kBlockM block of every Sᵀ element this thread holds.
+  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<_64, Int<kBlockM>>{}));
+  Tensor coords_s = make_tensor(tScS.data(), wgmma_acc_rowcol_layout(tScS.layout()));  // (keys, queries)
+  Tensor coords_ds = make_tensor(tScS.data(), wgmma_acc_to_a_layout(tScS.layout()));   // tdSr's elements
+  Tensor coords_dq = thr_dq.partition_C(make_identity_tensor(Shape<_64, Int<Traits::kDqCols>>{}));
+  const float scale_log2 = p.logit_scale * float(M_LOG2E);
+  float* dq_accum = params.dq_accum + (int64_t(batch) * p.num_heads + head) * dq_accum_rows(p.seqlen_q) * kHeadDim;
+  const uint32_t dq_staging = static_cast<uint32_t>(__cvta_generic_to_shared(shared.dq));
+
+  PipelineState qdo_state, stats_state;  // slot 0, phase 0
+  if (m_begin < m_end) KVBarrier::wait(&shared.kv_barrier, 0);
+  for (int m_block = m_begin; m_block < m_end; ++m_block) {
+    const int slot = qdo_state.index();
+    Tensor acc_s = partition_fragment_C(mma_sdp, Shape<_64, Int<kBlockM>>{});   // (MMA, MMA_M, MMA_N)
+    Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<_64, Int<kBlockM>>{});  // (MMA, MMA_M, MMA_N)
+    pipeline_qdo.consumer_wait(qdo_state);
+    wgmma_gemm</*kZeroInit=*/true>(mma_sdp, tSrK, tSrQ(_, _, _, slot), acc_s);
+    wgmma_gemm</*kZeroInit=*/true>(mma_sdp, tdPrV, tdPrdO(_, _, _, slot), acc_dp);
+    pipeline_stats.consumer_wait(stats_state);
+    const float* lse_log2 = shared.lse_log2[stats_state.index()];
+    const float* delta = shared.delta[stats_state.index()];
+
+    warpgroup_wait<1>();  // Sᵀ done; dPᵀ may still run
+    Tensor scores = wgmma_acc_rowcol(acc_s);  // (keys, queries)
+    if (mask.needs_masking(m_block, n_block)) {
+      mask.apply_transposed(scores, coords_s, n_block * kBlockN + 64 * consumer, m_block * kBlockM);
+    }
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(scores); ++c) {
+      const float row_lse = lse_log2[get<1>(coords_s(0, c))];
+      CUTE_UNROLL
+      for (int r = 0; r < size<0>(scores); ++r) scores(r, c) = exp2f(scores(r, c) * scale_log2 - row_lse);
+    }
+    warpgroup_wait<0>();
+    Tensor dp = wgmma_acc_rowcol(acc_dp);  // (keys, queries), becomes dSᵀ
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(dp); ++c) {
+      const float row_delta = delta[get<1>(coords_s(0, c))];
+      CUTE_UNROLL
+      for (int r = 0; r < size<0>(dp); ++r) dp(r, c) = scores(r, c) * (dp(r, c) - row_delta);
+    }
+    pipeline_stats.consumer_release(stats_state);
+    ++stats_state;
+    convert_fragment_into(acc_s, tPr);
+    convert_fragment_into(acc_dp, tdSr);
+    wgmma_gemm</*kZeroInit=*/false>(mma_dkv, tPr, tdVrdOt(_, _, _, slot), acc_dv);
+    wgmma_gemm</*kZeroInit=*/false>(mma_dkv, tdSr, tdKrQt(_, _, _, slot), acc_dk);
+
+    // dS into shared memory for dQ, while the tensor cores add dV and dK; two adjacent queries (one
+    // 4-byte word there) at a time. The previous tile's dQ MMAs finished reading it before the
+    // last kDqStaged barrier.
+    CUTE_UNROLL
+    for (int i = 0; i < size(tdSr); i += 2) {
+      const auto key_query = coords_ds(i);
+      const uint32_t pair = uint32_t(tdSr(i).raw()) | (uint32_t(tdSr(i + 1).raw()) << 16);
+      *reinterpret_cast<uint32_t*>(&sdS(get<1>(key_query), 64 * consumer + get<0>(key_query))) = pair;
+    }
+    fence_smem_for_async_proxy();
+    // The staging tile is free once the previous reduction has read it.
+    if (dq_leader) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+    consumers_sync(Sm90BwdBarrier::kDsStored, kConsumerThreads);
+    Tensor acc_dq = partition_fragment_C(mma_dq, Shape<_64, Int<Traits::kDqCols>>{});  // (MMA, MMA_M, MMA_N)
+    wgmma_gemm</*kZeroInit=*/true>(mma_dq, tdQrdS, tdQrKt, acc_dq);
+    warpgroup_wait<0>();  // dV, dK and dQ done: Q, dO and dS are free
+    pipeline_qdo.consumer_release(qdo_state);
+    ++qdo_state;
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_dq); ++i) {
+      const int row = 64 * dq_row_block + get<0>(coords_dq(i));
+      shared.dq[row * kHeadDim + Traits::kDqCols * dq_col_block + get<1>(coords_dq(i))] = acc_dq(i);
+    }
+    fence_smem_for_async_proxy();
+    consumers_sync(Sm90BwdBarrier::kDqStaged, kConsumerThreads);
+    if (dq_leader) {
+      float* dq_tile = dq_accum + int64_t(m_block) * kBlockM * kHeadDim;
+      asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+                   "cp.async.bulk.commit_group;" ::"l"(dq_tile), "r"(dq_staging), "n"(kBlockM * kHeadDim * 4)
+                   : "memory");
+    }
+  }
+
+  // ---- Epilogue: dK = softmax_scale · Σ dSᵀQ and dV = Σ PᵀdO; keys past seqlen_k are not written ----
+  Tensor coords_dkv = thr_dkv.partition_C(make_identity_tensor(Shape<_64, Int<kHeadDim>>{}));
+  const int first_key = n_block * kBlockN + 64 * consumer;
+  const int64_t dkv_offset = batch * params.dkv_batch_stride + head * params.dkv_head_stride +
+                             int64_t(first_key) * params.dkv_row_stride;
+  Element* dk = static_cast<Element*>(params.dk) + dkv_offset;
+  Element* dv = static_cast<Element*>(params.dv) + dkv_offset;
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_dk); ++i) {
+    const int key = get<0>(coords_dkv(i));
+    if (first_key + key < p.seqlen_k) {
+      const int64_t offset = key * params.dkv_row_stride + get<1>(coords_dkv(i));
+      dk[offset] = Element(acc_dk(i) * p.softmax_scale);
+      dv[offset] = Element(acc_dv(i));
+    }
+  }
+  // Shared memory must outlive the last reduction.
+  if (dq_leader) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+#endif
+}
+
+}  // namespace jax_flash
