@@ -16,8 +16,9 @@ namespace jax_flash {
 
 using namespace cute;
 
-// Query tile per head dim. Per consumer thread: Sᵀ and dPᵀ take kBlockM/2 registers each, dK and
-// dV kHeadDim/2 each. Each consumer warpgroup computes a 64-row × kDqCols block of the tile's dQ.
+// Query tile per head dim. A consumer forms Sᵀ and dPᵀ 64 queries at a time (32 registers per
+// thread each); dK and dV take kHeadDim/2 each. Each consumer warpgroup computes a 64-row ×
+// kDqCols block of the tile's dQ, kDqCols a multiple of the 64 columns of a swizzle atom of K.
 template <int kHeadDim> struct Sm90BwdTileSize;
 template <> struct Sm90BwdTileSize<64> { static constexpr int kBlockM = 128; };
 template <> struct Sm90BwdTileSize<128> { static constexpr int kBlockM = 64; };
@@ -39,9 +40,9 @@ struct Sm90BwdTraits {
   static_assert(kDqCols % 64 == 0, "a dQ block spans whole 128-byte swizzle atoms of K's columns");
 
   using TiledMmaSdP = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockM>, Int<kHeadDim>>>()));
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, _64, Int<kHeadDim>>>()));
   using TiledMmadKV = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockM>>, GMMA::Major::K,
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, _64>, GMMA::Major::K,
                            GMMA::Major::MN>()));
   using TiledMmadQ = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kDqCols>, Int<kBlockN>>, GMMA::Major::MN,

@@ -180,11 +180,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Tensor sKt_mine = local_tile(sKt, Shape<Int<Traits::kDqCols>, Int<kBlockN>>{}, make_coord(dq_col_block, 0));  // (kDqCols, kBlockN)
 
   Tensor tSrK = thr_sdp.partition_fragment_A(sK_mine);   // (MMA, MMA_M, MMA_K)
-  Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);        // (MMA, MMA_N, MMA_K, slot)
   Tensor tdPrV = thr_sdp.partition_fragment_A(sV_mine);  // (MMA, MMA_M, MMA_K)
-  Tensor tdPrdO = thr_sdp.partition_fragment_B(sdO);     // (MMA, MMA_N, MMA_K, slot)
-  Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);   // (MMA, MMA_N, MMA_K, slot)
-  Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);     // (MMA, MMA_N, MMA_K, slot)
+  // Q and dO by 64-query blocks: (MMA, MMA_N, MMA_K, block, 1, slot) and (MMA, MMA_N, MMA_K, 1, block, slot).
+  Tensor tSrQ = thr_sdp.partition_fragment_B(flat_divide(sQ, Shape<_64, Int<kHeadDim>>{}));
+  Tensor tdPrdO = thr_sdp.partition_fragment_B(flat_divide(sdO, Shape<_64, Int<kHeadDim>>{}));
+  Tensor tdVrdOt = thr_dkv.partition_fragment_B(flat_divide(sdOt, Shape<Int<kHeadDim>, _64>{}));
+  Tensor tdKrQt = thr_dkv.partition_fragment_B(flat_divide(sQt, Shape<Int<kHeadDim>, _64>{}));
   Tensor tdQrdS = thr_dq.partition_fragment_A(sdS_mine);  // (MMA, MMA_M, MMA_K)
   Tensor tdQrKt = thr_dq.partition_fragment_B(sKt_mine);  // (MMA, MMA_N, MMA_K)
 
@@ -193,12 +194,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   clear(acc_dk);
   clear(acc_dv);
   // Pᵀ and dSᵀ as the register A operands of dV and dK.
-  using AccSLayout = decltype(partition_fragment_C(mma_sdp, Shape<_64, Int<kBlockM>>{}).layout());
+  using AccSLayout = decltype(partition_fragment_C(mma_sdp, Shape<_64, _64>{}).layout());
   Tensor tPr = make_tensor<Element>(wgmma_acc_to_a_layout(AccSLayout{}));   // (MMA, MMA_M, MMA_K)
   Tensor tdSr = make_tensor<Element>(wgmma_acc_to_a_layout(AccSLayout{}));  // (MMA, MMA_M, MMA_K)
 
-  // (key, query) in this warpgroup's 64 × kBlockM block of every Sᵀ element this thread holds.
-  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<_64, Int<kBlockM>>{}));
+  // (key, query) in a 64 × 64 block of Sᵀ (this warpgroup's keys, one query block) of every
+  // element this thread holds.
+  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<_64, _64>{}));
   Tensor coords_s = make_tensor(tScS.data(), wgmma_acc_rowcol_layout(tScS.layout()));  // (keys, queries)
   Tensor coords_ds = make_tensor(tScS.data(), wgmma_acc_to_a_layout(tScS.layout()));   // tdSr's elements
   Tensor coords_dq = thr_dq.partition_C(make_identity_tensor(Shape<_64, Int<Traits::kDqCols>>{}));
@@ -210,50 +212,53 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   if (m_begin < m_end) KVBarrier::wait(&shared.kv_barrier, 0);
   for (int m_block = m_begin; m_block < m_end; ++m_block) {
     const int slot = qdo_state.index();
-    Tensor acc_s = partition_fragment_C(mma_sdp, Shape<_64, Int<kBlockM>>{});   // (MMA, MMA_M, MMA_N)
-    Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<_64, Int<kBlockM>>{});  // (MMA, MMA_M, MMA_N)
     pipeline_qdo.consumer_wait(qdo_state);
-    wgmma_gemm</*kZeroInit=*/true>(mma_sdp, tSrK, tSrQ(_, _, _, slot), acc_s);
-    wgmma_gemm</*kZeroInit=*/true>(mma_sdp, tdPrV, tdPrdO(_, _, _, slot), acc_dp);
     pipeline_stats.consumer_wait(stats_state);
-    const float* lse_log2 = shared.lse_log2[stats_state.index()];
-    const float* delta = shared.delta[stats_state.index()];
+    CUTE_UNROLL
+    for (int block = 0; block < kBlockM / 64; ++block) {  // 64 queries at a time: registers
+      const int first_query = m_block * kBlockM + 64 * block;
+      const float* lse_log2 = shared.lse_log2[stats_state.index()] + 64 * block;
+      const float* delta = shared.delta[stats_state.index()] + 64 * block;
+      Tensor acc_s = partition_fragment_C(mma_sdp, Shape<_64, _64>{});   // (MMA, MMA_M, MMA_N)
+      Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<_64, _64>{});  // (MMA, MMA_M, MMA_N)
+      wgmma_gemm</*kZeroInit=*/true>(mma_sdp, tSrK, tSrQ(_, _, _, block, 0, slot), acc_s);
+      wgmma_gemm</*kZeroInit=*/true>(mma_sdp, tdPrV, tdPrdO(_, _, _, block, 0, slot), acc_dp);
+      warpgroup_wait<1>();  // Sᵀ done (and the previous block's dV, dK); dPᵀ may still run
+      Tensor scores = wgmma_acc_rowcol(acc_s);  // (keys, queries)
+      if (mask.needs_masking(m_block, n_block)) {
+        mask.apply_transposed(scores, coords_s, n_block * kBlockN + 64 * consumer, first_query);
+      }
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(scores); ++c) {
+        const float row_lse = lse_log2[get<1>(coords_s(0, c))];
+        CUTE_UNROLL
+        for (int r = 0; r < size<0>(scores); ++r) scores(r, c) = exp2f(scores(r, c) * scale_log2 - row_lse);
+      }
+      warpgroup_wait<0>();
+      Tensor dp = wgmma_acc_rowcol(acc_dp);  // (keys, queries), becomes dSᵀ
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(dp); ++c) {
+        const float row_delta = delta[get<1>(coords_s(0, c))];
+        CUTE_UNROLL
+        for (int r = 0; r < size<0>(dp); ++r) dp(r, c) = scores(r, c) * (dp(r, c) - row_delta);
+      }
+      convert_fragment_into(acc_s, tPr);
+      convert_fragment_into(acc_dp, tdSr);
+      wgmma_gemm</*kZeroInit=*/false>(mma_dkv, tPr, tdVrdOt(_, _, _, 0, block, slot), acc_dv);
+      wgmma_gemm</*kZeroInit=*/false>(mma_dkv, tdSr, tdKrQt(_, _, _, 0, block, slot), acc_dk);
 
-    warpgroup_wait<1>();  // Sᵀ done; dPᵀ may still run
-    Tensor scores = wgmma_acc_rowcol(acc_s);  // (keys, queries)
-    if (mask.needs_masking(m_block, n_block)) {
-      mask.apply_transposed(scores, coords_s, n_block * kBlockN + 64 * consumer, m_block * kBlockM);
-    }
-    CUTE_UNROLL
-    for (int c = 0; c < size<1>(scores); ++c) {
-      const float row_lse = lse_log2[get<1>(coords_s(0, c))];
+      // dS into shared memory for dQ, while the tensor cores add dV and dK; two adjacent queries
+      // (one 4-byte word there) at a time. The previous tile's dQ MMAs finished reading it before
+      // the last kDqStaged barrier.
       CUTE_UNROLL
-      for (int r = 0; r < size<0>(scores); ++r) scores(r, c) = exp2f(scores(r, c) * scale_log2 - row_lse);
-    }
-    warpgroup_wait<0>();
-    Tensor dp = wgmma_acc_rowcol(acc_dp);  // (keys, queries), becomes dSᵀ
-    CUTE_UNROLL
-    for (int c = 0; c < size<1>(dp); ++c) {
-      const float row_delta = delta[get<1>(coords_s(0, c))];
-      CUTE_UNROLL
-      for (int r = 0; r < size<0>(dp); ++r) dp(r, c) = scores(r, c) * (dp(r, c) - row_delta);
+      for (int i = 0; i < size(tdSr); i += 2) {
+        const auto key_query = coords_ds(i);
+        const uint32_t pair = uint32_t(tdSr(i).raw()) | (uint32_t(tdSr(i + 1).raw()) << 16);
+        *reinterpret_cast<uint32_t*>(&sdS(64 * block + get<1>(key_query), 64 * consumer + get<0>(key_query))) = pair;
+      }
     }
     pipeline_stats.consumer_release(stats_state);
     ++stats_state;
-    convert_fragment_into(acc_s, tPr);
-    convert_fragment_into(acc_dp, tdSr);
-    wgmma_gemm</*kZeroInit=*/false>(mma_dkv, tPr, tdVrdOt(_, _, _, slot), acc_dv);
-    wgmma_gemm</*kZeroInit=*/false>(mma_dkv, tdSr, tdKrQt(_, _, _, slot), acc_dk);
-
-    // dS into shared memory for dQ, while the tensor cores add dV and dK; two adjacent queries (one
-    // 4-byte word there) at a time. The previous tile's dQ MMAs finished reading it before the
-    // last kDqStaged barrier.
-    CUTE_UNROLL
-    for (int i = 0; i < size(tdSr); i += 2) {
-      const auto key_query = coords_ds(i);
-      const uint32_t pair = uint32_t(tdSr(i).raw()) | (uint32_t(tdSr(i + 1).raw()) << 16);
-      *reinterpret_cast<uint32_t*>(&sdS(get<1>(key_query), 64 * consumer + get<0>(key_query))) = pair;
-    }
     fence_smem_for_async_proxy();
     // The staging tile is free once the previous reduction has read it.
     if (dq_leader) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
