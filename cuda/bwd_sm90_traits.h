@@ -5,6 +5,8 @@
 // dK += dSᵀ·Q. dQ = dS·K needs every key of the tile: dS goes through shared memory.
 #pragma once
 
+#include <type_traits>
+
 #include <cute/tensor.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -16,12 +18,15 @@ namespace jax_flash {
 
 using namespace cute;
 
-// Query tile per head dim. A consumer forms Sᵀ and dPᵀ 64 queries at a time (32 registers per
-// thread each); dK and dV take kHeadDim/2 each. Each consumer warpgroup computes a 64-row ×
-// kDqCols block of the tile's dQ, kDqCols a multiple of the 64 columns of a swizzle atom of K.
+// Tiles per head dim. With 128 keys per CTA (kBlockN 128) each consumer warpgroup owns 64 keys
+// and whole rows of dK and dV (kHeadDim/2 registers per thread each) and forms Sᵀ, dPᵀ 64 queries
+// at a time. At head dim 256 those rows would take all the registers: 64 keys per CTA, shared by
+// the two warpgroups, each owning half of the head dim of dK and dV and forming Sᵀ, dPᵀ for half
+// of the queries, which reach the other warpgroup through shared memory (kSplitHeadDim).
 template <int kHeadDim> struct Sm90BwdTileSize;
-template <> struct Sm90BwdTileSize<64> { static constexpr int kBlockM = 128; };
-template <> struct Sm90BwdTileSize<128> { static constexpr int kBlockM = 64; };
+template <> struct Sm90BwdTileSize<64> { static constexpr int kBlockM = 128, kBlockN = 128; };
+template <> struct Sm90BwdTileSize<128> { static constexpr int kBlockM = 64, kBlockN = 128; };
+template <> struct Sm90BwdTileSize<256> { static constexpr int kBlockM = 64, kBlockN = 64; };
 
 template <int kHeadDim_, typename Element_>
 struct Sm90BwdTraits {
@@ -29,21 +34,30 @@ struct Sm90BwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kMmaWarpGroups = 2;
   static constexpr int kBlockM = Sm90BwdTileSize<kHeadDim>::kBlockM;
-  static constexpr int kBlockN = 64 * kMmaWarpGroups;  // 64 keys per consumer warpgroup
-  static constexpr int kStages = 2;                    // of Q, dO and their row statistics
+  static constexpr int kBlockN = Sm90BwdTileSize<kHeadDim>::kBlockN;
+  static constexpr bool kSplitHeadDim = kBlockN == 64;
+  static_assert(kBlockN == 64 * (kSplitHeadDim ? 1 : kMmaWarpGroups), "64 keys per wgmma M");
+  static constexpr int kStages = 2;  // of Q, dO and their row statistics
   static constexpr int kNThreads = 128 * (kMmaWarpGroups + 1);  // the producer warpgroup first
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static_assert(128 * (kMmaWarpGroups * kConsumerRegs + kProducerRegs) <= 64 * 1024, "more registers than an SM has");
+  // Queries per Sᵀ, dPᵀ block, and head-dim columns of a warpgroup's dK, dV.
+  static constexpr int kSdPQueries = kSplitHeadDim ? kBlockM / kMmaWarpGroups : 64;
+  static constexpr int kDkvCols = kSplitHeadDim ? kHeadDim / kMmaWarpGroups : kHeadDim;
   // The dQ tile (kBlockM × kHeadDim) split into one 64 × kDqCols block per consumer warpgroup.
   static constexpr int kDqCols = kHeadDim * kBlockM / (64 * kMmaWarpGroups);
   static constexpr int kDqColBlocks = kHeadDim / kDqCols;
   static_assert(kDqCols % 64 == 0, "a dQ block spans whole 128-byte swizzle atoms of K's columns");
 
   using TiledMmaSdP = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, _64, Int<kHeadDim>>>()));
-  using TiledMmadKV = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, _64>, GMMA::Major::K,
-                           GMMA::Major::MN>()));
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kSdPQueries>, Int<kHeadDim>>>()));
+  // Pᵀ and dSᵀ from registers (kSplitHeadDim: from shared memory, every query of the tile).
+  using TiledMmadKV = decltype(make_tiled_mma(std::conditional_t<
+      kSplitHeadDim,
+      decltype(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kDkvCols>, Int<kBlockM>>,
+                                    GMMA::Major::K, GMMA::Major::MN>()),
+      decltype(GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kDkvCols>, Int<kSdPQueries>>,
+                                    GMMA::Major::K, GMMA::Major::MN>())>{}));
   using TiledMmadQ = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kDqCols>, Int<kBlockN>>, GMMA::Major::MN,
                            GMMA::Major::MN>()));
@@ -60,7 +74,10 @@ struct Sm90BwdTraits {
       SmemLayoutQ{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kStages>>{}, Step<_2, _1, _3>{})));
   // dS (queries × keys), queries contiguous: the MN-major A operand of dQ = dS·K, written from the
   // dSᵀ accumulators as pairs of adjacent queries.
+  // P likewise under kSplitHeadDim; their (keys × queries) views are the K-major A operands of dV, dK.
   using SmemLayoutdS = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  using SmemLayoutdSt = decltype(composition(
+      SmemLayoutdS{}, make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>>{}, Step<_2, _1>{})));
 
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, Sm90GmemMatrix<kHeadDim, Element>{}, SmemLayoutQTile{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, Sm90GmemMatrix<kHeadDim, Element>{}, SmemLayoutKV{}));
@@ -71,13 +88,21 @@ struct Sm90BwdTraits {
   using PipelineStats = cutlass::PipelineAsync<kStages>;   // its lse·log2(e) and delta rows
   static constexpr int kStatsThreads = 32;                 // one warp writes them
 
+  // kSplitHeadDim: P beside dS; dQ is staged in the Q and dO slot just used (shared memory holds no
+  // more). Otherwise a staging tile of its own.
+  struct PStorage {
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> p;
+  };
+  struct DqStorage {
+    alignas(128) float dq[kBlockM * kHeadDim];  // this key tile's dQ share, rows of dq_accum's order
+  };
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;  // 1024: the swizzle's period
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
-    alignas(128) float dq[kBlockM * kHeadDim];  // this key tile's dQ share, rows of dq_accum's order
+    std::conditional_t<kSplitHeadDim, PStorage, DqStorage> p_or_dq;
     float lse_log2[kStages][kBlockM];
     float delta[kStages][kBlockM];
     typename PipelineQdO::SharedStorage pipeline_qdo;

@@ -1,15 +1,18 @@
 // Backward kernel of the Hopper family (sm_90a), warp-specialized. One CTA owns kBlockN keys of one
 // (batch, head) and walks the query tiles that see them. The first warpgroup (the producer) loads
 // K and V once and each query tile's Q and dO by TMA into a ring of kStages slots (one thread), and
-// the tile's lse·log2(e) and delta rows into a ring beside it (one warp). Each of the two consumer
-// warpgroups owns 64 of the keys, with their dK and dV accumulators in registers:
+// the tile's lse·log2(e) and delta rows into a ring beside it (one warp). The two consumer
+// warpgroups hold dK and dV in registers and, per query tile:
 //   Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (wgmma, both operands in shared memory),
 //   Pᵀ = exp(scale·Sᵀ − lse), dSᵀ = Pᵀ ∘ (dPᵀ − delta) in registers,
-//   dV += Pᵀ·dO and dK += dSᵀ·Q (wgmma, Pᵀ and dSᵀ from registers),
+//   dV += Pᵀ·dO and dK += dSᵀ·Q (wgmma),
 //   dS to shared memory; dQ = dS·K, each warpgroup a block of it, staged in shared memory and
-//   added to dq_accum (rows of float32, zeroed by the caller) by one TMA bulk reduction.
-// Plain attention, causal and windowed bands, GQA (dK, dV per query head); the score modifiers,
-// packed sequences and the deterministic mode stay on the SM80 family.
+//   added to dq_accum (rows of float32, zeroed by the caller) by TMA bulk reductions.
+// With 128 keys per CTA each consumer owns 64 keys (Pᵀ, dSᵀ stay in registers for dV, dK); at head
+// dim 256 (kSplitHeadDim, 64 keys) each owns half the head dim of dK and dV and forms Sᵀ for half
+// the queries, Pᵀ and dSᵀ meeting in shared memory. Plain attention, causal and windowed bands,
+// GQA (dK, dV per query head); the score modifiers, packed sequences and the deterministic mode
+// stay on the SM80 family.
 #pragma once
 
 #include <cmath>
@@ -39,7 +42,7 @@ struct Sm90BwdArgs {
 };
 
 // Named barriers of the two consumer warpgroups (id 0 is __syncthreads').
-enum class Sm90BwdBarrier : int { kDsStored = 1, kDqStaged = 2 };
+enum class Sm90BwdBarrier : int { kDsStored = 1, kDqStaged = 2, kMmasDone = 3 };
 
 __forceinline__ __device__ void consumers_sync(Sm90BwdBarrier id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(static_cast<int>(id)), "r"(threads) : "memory");
@@ -156,9 +159,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   // ---- Consumers ----
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
-  const int consumer = warp_group - 1;  // owns keys [64·consumer, 64·consumer + 64) of the tile
+  constexpr bool kSplitHeadDim = Traits::kSplitHeadDim;
+  constexpr int kSdPQueries = Traits::kSdPQueries;
+  constexpr int kDkvCols = Traits::kDkvCols;
+  const int consumer = warp_group - 1;
   const int thread_idx = threadIdx.x % 128;
   const bool dq_leader = threadIdx.x == 128;  // issues the dQ reductions
+  // This warpgroup's keys (rows of Sᵀ, dK, dV) and dK, dV columns.
+  const int key_offset = kSplitHeadDim ? 0 : 64 * consumer;
+  const int dkv_col_offset = kSplitHeadDim ? kDkvCols * consumer : 0;
 
   typename Traits::TiledMmaSdP mma_sdp;
   typename Traits::TiledMmadKV mma_dkv;
@@ -171,62 +180,98 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Tensor sdOt = make_tensor(make_smem_ptr(shared.dout.data()), typename Traits::SmemLayoutQt{});  // (d, kBlockM, slot)
   Tensor sKt = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutKt{});      // (d, kBlockN)
   Tensor sdS = make_tensor(make_smem_ptr(shared.ds.data()), typename Traits::SmemLayoutdS{});     // (kBlockM, kBlockN)
-  Tensor sK_mine = local_tile(sK, Shape<_64, Int<kHeadDim>>{}, make_coord(consumer, 0));  // (64, d)
-  Tensor sV_mine = local_tile(sV, Shape<_64, Int<kHeadDim>>{}, make_coord(consumer, 0));  // (64, d)
+  Tensor sK_mine = local_tile(sK, Shape<_64, Int<kHeadDim>>{}, make_coord(key_offset / 64, 0));  // (64, d)
+  Tensor sV_mine = local_tile(sV, Shape<_64, Int<kHeadDim>>{}, make_coord(key_offset / 64, 0));  // (64, d)
   // This warpgroup's block of dQ: 64 query rows × kDqCols head-dim columns.
   const int dq_row_block = consumer / Traits::kDqColBlocks;
   const int dq_col_block = consumer % Traits::kDqColBlocks;
-  Tensor sdS_mine = local_tile(sdS, Shape<_64, Int<kBlockN>>{}, make_coord(dq_row_block, 0));                // (64, kBlockN)
-  Tensor sKt_mine = local_tile(sKt, Shape<Int<Traits::kDqCols>, Int<kBlockN>>{}, make_coord(dq_col_block, 0));  // (kDqCols, kBlockN)
+  Tensor sdS_mine = local_tile(sdS, Shape<_64, Int<kBlockN>>{}, make_coord(dq_row_block, 0));  // (64, kBlockN)
+  Tensor sKt_mine =
+      local_tile(sKt, Shape<Int<Traits::kDqCols>, Int<kBlockN>>{}, make_coord(dq_col_block, 0));  // (kDqCols, kBlockN)
 
   Tensor tSrK = thr_sdp.partition_fragment_A(sK_mine);   // (MMA, MMA_M, MMA_K)
   Tensor tdPrV = thr_sdp.partition_fragment_A(sV_mine);  // (MMA, MMA_M, MMA_K)
-  // Q and dO by 64-query blocks: (MMA, MMA_N, MMA_K, block, 1, slot) and (MMA, MMA_N, MMA_K, 1, block, slot).
-  Tensor tSrQ = thr_sdp.partition_fragment_B(flat_divide(sQ, Shape<_64, Int<kHeadDim>>{}));
-  Tensor tdPrdO = thr_sdp.partition_fragment_B(flat_divide(sdO, Shape<_64, Int<kHeadDim>>{}));
-  Tensor tdVrdOt = thr_dkv.partition_fragment_B(flat_divide(sdOt, Shape<Int<kHeadDim>, _64>{}));
-  Tensor tdKrQt = thr_dkv.partition_fragment_B(flat_divide(sQt, Shape<Int<kHeadDim>, _64>{}));
+  // Q and dO by blocks of kSdPQueries queries: (MMA, MMA_N, MMA_K, block, 1, slot).
+  Tensor tSrQ = thr_sdp.partition_fragment_B(flat_divide(sQ, Shape<Int<kSdPQueries>, Int<kHeadDim>>{}));
+  Tensor tdPrdO = thr_sdp.partition_fragment_B(flat_divide(sdO, Shape<Int<kSdPQueries>, Int<kHeadDim>>{}));
+  // Their transposes by (kDkvCols head-dim columns, the queries of one dV/dK MMA):
+  // (MMA, MMA_N, MMA_K, col block, query block, slot).
+  constexpr int kDkvQueries = kSplitHeadDim ? kBlockM : kSdPQueries;
+  Tensor tdVrdOt = thr_dkv.partition_fragment_B(flat_divide(sdOt, Shape<Int<kDkvCols>, Int<kDkvQueries>>{}));
+  Tensor tdKrQt = thr_dkv.partition_fragment_B(flat_divide(sQt, Shape<Int<kDkvCols>, Int<kDkvQueries>>{}));
   Tensor tdQrdS = thr_dq.partition_fragment_A(sdS_mine);  // (MMA, MMA_M, MMA_K)
   Tensor tdQrKt = thr_dq.partition_fragment_B(sKt_mine);  // (MMA, MMA_N, MMA_K)
 
-  Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<_64, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_N)
-  Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<_64, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_N)
+  Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<_64, Int<kDkvCols>>{});  // (MMA, MMA_M, MMA_N)
+  Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<_64, Int<kDkvCols>>{});  // (MMA, MMA_M, MMA_N)
   clear(acc_dk);
   clear(acc_dv);
-  // Pᵀ and dSᵀ as the register A operands of dV and dK.
-  using AccSLayout = decltype(partition_fragment_C(mma_sdp, Shape<_64, _64>{}).layout());
+  // Pᵀ and dSᵀ in bf16/fp16, the register A operands of dV and dK (kSplitHeadDim: the values
+  // stored to shared memory).
+  using AccSLayout = decltype(partition_fragment_C(mma_sdp, Shape<_64, Int<kSdPQueries>>{}).layout());
   Tensor tPr = make_tensor<Element>(wgmma_acc_to_a_layout(AccSLayout{}));   // (MMA, MMA_M, MMA_K)
   Tensor tdSr = make_tensor<Element>(wgmma_acc_to_a_layout(AccSLayout{}));  // (MMA, MMA_M, MMA_K)
 
-  // (key, query) in a 64 × 64 block of Sᵀ (this warpgroup's keys, one query block) of every
-  // element this thread holds.
-  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<_64, _64>{}));
+  // (key, query) in a 64 × kSdPQueries block of Sᵀ (this warpgroup's keys, one query block) of
+  // every element this thread holds.
+  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<_64, Int<kSdPQueries>>{}));
   Tensor coords_s = make_tensor(tScS.data(), wgmma_acc_rowcol_layout(tScS.layout()));  // (keys, queries)
-  Tensor coords_ds = make_tensor(tScS.data(), wgmma_acc_to_a_layout(tScS.layout()));   // tdSr's elements
+  Tensor coords_pds = make_tensor(tScS.data(), wgmma_acc_to_a_layout(tScS.layout()));  // tPr's, tdSr's elements
   Tensor coords_dq = thr_dq.partition_C(make_identity_tensor(Shape<_64, Int<Traits::kDqCols>>{}));
   const float scale_log2 = p.logit_scale * float(M_LOG2E);
   float* dq_accum = params.dq_accum + (int64_t(batch) * p.num_heads + head) * dq_accum_rows(p.seqlen_q) * kHeadDim;
-  const uint32_t dq_staging = static_cast<uint32_t>(__cvta_generic_to_shared(shared.dq));
+
+  // Stores a block of Pᵀ or dSᵀ as (query, key) elements of a shared-memory tile, two adjacent
+  // queries (one 4-byte word there) at a time.
+  auto store_pairs = [&](auto const& values, auto& tile, int first_query) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(values); i += 2) {
+      const auto key_query = coords_pds(i);
+      const uint32_t pair = uint32_t(values(i).raw()) | (uint32_t(values(i + 1).raw()) << 16);
+      *reinterpret_cast<uint32_t*>(&tile(first_query + get<1>(key_query), key_offset + get<0>(key_query))) = pair;
+    }
+  };
+  // dQ's rows of floats, staged for the bulk reduction: row r at dq_rows(r).
+  auto dq_row = [&](int slot, int row) -> float* {
+    if constexpr (kSplitHeadDim) {  // the first half of the rows in Q's slot, the rest in dO's
+      static_assert(2 * Traits::kQBytes == kBlockM * kHeadDim * sizeof(float), "Q's and dO's slots hold dQ");
+      constexpr int kHalf = kBlockM / 2;
+      Element* base = row < kHalf ? shared.q.data() : shared.dout.data();
+      return reinterpret_cast<float*>(base + slot * cosize_v<typename Traits::SmemLayoutQTile>) +
+             (row % kHalf) * kHeadDim;
+    } else {
+      return shared.p_or_dq.dq + row * kHeadDim;
+    }
+  };
+  auto reduce_rows = [&](float* dq_tile, const float* rows, int count) {
+    const uint32_t src = static_cast<uint32_t>(__cvta_generic_to_shared(rows));
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(dq_tile),
+                 "r"(src), "r"(count * kHeadDim * 4)
+                 : "memory");
+  };
 
   PipelineState qdo_state, stats_state;  // slot 0, phase 0
+  PipelineState held_state;              // kSplitHeadDim: the slot holding the last staged dQ
+  bool holding = false;
   if (m_begin < m_end) KVBarrier::wait(&shared.kv_barrier, 0);
   for (int m_block = m_begin; m_block < m_end; ++m_block) {
     const int slot = qdo_state.index();
     pipeline_qdo.consumer_wait(qdo_state);
     pipeline_stats.consumer_wait(stats_state);
     CUTE_UNROLL
-    for (int block = 0; block < kBlockM / 64; ++block) {  // 64 queries at a time: registers
-      const int first_query = m_block * kBlockM + 64 * block;
-      const float* lse_log2 = shared.lse_log2[stats_state.index()] + 64 * block;
-      const float* delta = shared.delta[stats_state.index()] + 64 * block;
-      Tensor acc_s = partition_fragment_C(mma_sdp, Shape<_64, _64>{});   // (MMA, MMA_M, MMA_N)
-      Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<_64, _64>{});  // (MMA, MMA_M, MMA_N)
+    for (int b = 0; b < (kSplitHeadDim ? 1 : kBlockM / 64); ++b) {  // 64 queries at a time: registers
+      const int block = kSplitHeadDim ? consumer : b;
+      const int first_query = kSdPQueries * block;
+      const float* lse_log2 = shared.lse_log2[stats_state.index()] + first_query;
+      const float* delta = shared.delta[stats_state.index()] + first_query;
+      Tensor acc_s = partition_fragment_C(mma_sdp, Shape<_64, Int<kSdPQueries>>{});   // (MMA, MMA_M, MMA_N)
+      Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<_64, Int<kSdPQueries>>{});  // (MMA, MMA_M, MMA_N)
       wgmma_gemm</*kZeroInit=*/true>(mma_sdp, tSrK, tSrQ(_, _, _, block, 0, slot), acc_s);
       wgmma_gemm</*kZeroInit=*/true>(mma_sdp, tdPrV, tdPrdO(_, _, _, block, 0, slot), acc_dp);
       warpgroup_wait<1>();  // Sᵀ done (and the previous block's dV, dK); dPᵀ may still run
       Tensor scores = wgmma_acc_rowcol(acc_s);  // (keys, queries)
       if (mask.needs_masking(m_block, n_block)) {
-        mask.apply_transposed(scores, coords_s, n_block * kBlockN + 64 * consumer, first_query);
+        mask.apply_transposed(scores, coords_s, n_block * kBlockN + key_offset, m_block * kBlockM + first_query);
       }
       CUTE_UNROLL
       for (int c = 0; c < size<1>(scores); ++c) {
@@ -244,50 +289,69 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       }
       convert_fragment_into(acc_s, tPr);
       convert_fragment_into(acc_dp, tdSr);
-      wgmma_gemm</*kZeroInit=*/false>(mma_dkv, tPr, tdVrdOt(_, _, _, 0, block, slot), acc_dv);
-      wgmma_gemm</*kZeroInit=*/false>(mma_dkv, tdSr, tdKrQt(_, _, _, 0, block, slot), acc_dk);
-
-      // dS into shared memory for dQ, while the tensor cores add dV and dK; two adjacent queries
-      // (one 4-byte word there) at a time. The previous tile's dQ MMAs finished reading it before
-      // the last kDqStaged barrier.
-      CUTE_UNROLL
-      for (int i = 0; i < size(tdSr); i += 2) {
-        const auto key_query = coords_ds(i);
-        const uint32_t pair = uint32_t(tdSr(i).raw()) | (uint32_t(tdSr(i + 1).raw()) << 16);
-        *reinterpret_cast<uint32_t*>(&sdS(64 * block + get<1>(key_query), 64 * consumer + get<0>(key_query))) = pair;
+      if constexpr (kSplitHeadDim) {
+        Tensor sP = make_tensor(make_smem_ptr(shared.p_or_dq.p.data()), typename Traits::SmemLayoutdS{});
+        store_pairs(tPr, sP, first_query);
+      } else {
+        wgmma_gemm</*kZeroInit=*/false>(mma_dkv, tPr, tdVrdOt(_, _, _, 0, block, slot), acc_dv);
+        wgmma_gemm</*kZeroInit=*/false>(mma_dkv, tdSr, tdKrQt(_, _, _, 0, block, slot), acc_dk);
       }
+      // dS into shared memory for dQ (while the tensor cores add dV and dK). The previous tile's
+      // MMAs finished reading it before the last kDqStaged barrier.
+      store_pairs(tdSr, sdS, first_query);
     }
     pipeline_stats.consumer_release(stats_state);
     ++stats_state;
     fence_smem_for_async_proxy();
-    // The staging tile is free once the previous reduction has read it.
+    // The staging rows are free once the previous reductions have read them.
     if (dq_leader) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
     consumers_sync(Sm90BwdBarrier::kDsStored, kConsumerThreads);
+    if constexpr (kSplitHeadDim) {
+      if (holding) pipeline_qdo.consumer_release(held_state);  // its dQ rows are read
+      Tensor sPt = make_tensor(make_smem_ptr(shared.p_or_dq.p.data()), typename Traits::SmemLayoutdSt{});
+      Tensor sdSt = make_tensor(make_smem_ptr(shared.ds.data()), typename Traits::SmemLayoutdSt{});
+      Tensor tdVrPt = thr_dkv.partition_fragment_A(sPt);    // (MMA, MMA_M, MMA_K)
+      Tensor tdKrdSt = thr_dkv.partition_fragment_A(sdSt);  // (MMA, MMA_M, MMA_K)
+      wgmma_gemm</*kZeroInit=*/false>(mma_dkv, tdVrPt, tdVrdOt(_, _, _, consumer, 0, slot), acc_dv);
+      wgmma_gemm</*kZeroInit=*/false>(mma_dkv, tdKrdSt, tdKrQt(_, _, _, consumer, 0, slot), acc_dk);
+    }
     Tensor acc_dq = partition_fragment_C(mma_dq, Shape<_64, Int<Traits::kDqCols>>{});  // (MMA, MMA_M, MMA_N)
     wgmma_gemm</*kZeroInit=*/true>(mma_dq, tdQrdS, tdQrKt, acc_dq);
-    warpgroup_wait<0>();  // dV, dK and dQ done: Q, dO and dS are free
-    pipeline_qdo.consumer_release(qdo_state);
+    warpgroup_wait<0>();  // dV, dK and dQ done: Q, dO, P and dS are read
+    if constexpr (kSplitHeadDim) {
+      // dQ goes into this slot's Q and dO: both warpgroups must be done reading them. The slot
+      // returns to the producer once the reductions have read it (next tile, or never).
+      consumers_sync(Sm90BwdBarrier::kMmasDone, kConsumerThreads);
+      held_state = qdo_state;
+      holding = true;
+    } else {
+      pipeline_qdo.consumer_release(qdo_state);
+    }
     ++qdo_state;
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dq); ++i) {
       const int row = 64 * dq_row_block + get<0>(coords_dq(i));
-      shared.dq[row * kHeadDim + Traits::kDqCols * dq_col_block + get<1>(coords_dq(i))] = acc_dq(i);
+      dq_row(slot, row)[Traits::kDqCols * dq_col_block + get<1>(coords_dq(i))] = acc_dq(i);
     }
     fence_smem_for_async_proxy();
     consumers_sync(Sm90BwdBarrier::kDqStaged, kConsumerThreads);
     if (dq_leader) {
       float* dq_tile = dq_accum + int64_t(m_block) * kBlockM * kHeadDim;
-      asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
-                   "cp.async.bulk.commit_group;" ::"l"(dq_tile), "r"(dq_staging), "n"(kBlockM * kHeadDim * 4)
-                   : "memory");
+      if constexpr (kSplitHeadDim) {
+        reduce_rows(dq_tile, dq_row(slot, 0), kBlockM / 2);
+        reduce_rows(dq_tile + kBlockM / 2 * kHeadDim, dq_row(slot, kBlockM / 2), kBlockM / 2);
+      } else {
+        reduce_rows(dq_tile, dq_row(slot, 0), kBlockM);
+      }
+      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
     }
   }
 
   // ---- Epilogue: dK = softmax_scale · Σ dSᵀQ and dV = Σ PᵀdO; keys past seqlen_k are not written ----
-  Tensor coords_dkv = thr_dkv.partition_C(make_identity_tensor(Shape<_64, Int<kHeadDim>>{}));
-  const int first_key = n_block * kBlockN + 64 * consumer;
+  Tensor coords_dkv = thr_dkv.partition_C(make_identity_tensor(Shape<_64, Int<kDkvCols>>{}));
+  const int first_key = n_block * kBlockN + key_offset;
   const int64_t dkv_offset = batch * params.dkv_batch_stride + head * params.dkv_head_stride +
-                             int64_t(first_key) * params.dkv_row_stride;
+                             int64_t(first_key) * params.dkv_row_stride + dkv_col_offset;
   Element* dk = static_cast<Element*>(params.dk) + dkv_offset;
   Element* dv = static_cast<Element*>(params.dv) + dkv_offset;
   CUTE_UNROLL

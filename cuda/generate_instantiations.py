@@ -9,7 +9,7 @@ import pathlib
 
 HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
 SM90_FWD_HEAD_DIMS = (64, 128, 256)  # those with tiles in fwd_sm90_traits.h
-SM90_BWD_HEAD_DIMS = (64, 128)  # those with tiles in bwd_sm90_traits.h
+SM90_BWD_HEAD_DIMS = (64, 128, 256)  # those with tiles in bwd_sm90_traits.h
 ELEMENT_TYPES = ("cutlass::half_t", "cutlass::bfloat16_t")
 # (unit name, launch template, function, params type, head dims)
 UNITS = (

@@ -191,6 +191,8 @@ WINDOW_CASES = [
     ((0, 0), False, 257, 113, 64, "bf16", 2, 2),      # one key per row; rows < 144 see none
     ((5, -1), True, 1025, 1025, 128, "fp16", 2, 2),   # 6 keys per row: most tiles skipped
     ((-1, 7), False, 113, 257, 64, "fp16", 2, 2),     # a right bound alone
+    ((300, -1), False, 1100, 1037, 64, "bf16", 2, 1),  # a left bound alone; GQA
+    ((700, -1), False, 1500, 1500, 256, "bf16", 2, 2),
     ((100, 30), False, 1025, 1025, 64, "bf16", 2, 2),  # a band over tiles, inner ones unmasked
     ((100, 30), True, 257, 113, 40, "bf16", 3, 3),    # causal caps the right; rows < 144 see none
     ((37, 0), True, 113, 257, 256, "bf16", 2, 2),
