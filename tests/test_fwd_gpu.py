@@ -112,22 +112,29 @@ def _covered(start: int, nbytes: int, ranges: list[tuple[int, int]]) -> bool:
     return any(lo <= start and start + nbytes <= hi for lo, hi in merged)
 
 
+# Placement attempts: with several test processes on one GPU (pytest-xdist) the pool may hand a
+# result a block other than the freed poisoned ones now and then (seen once in 175 tests, H200).
+_POISON_ATTEMPTS = 3
+
+
 def run_on_poisoned_memory(fn, *args):
     """fn(*args), jitted, run on output memory that held NaN just before; asserts it did."""
     compiled = jax.jit(fn).lower(*args).compile()
     sizes = _poison_sizes(compiled, jax.eval_shape(fn, *args))
-    poison = [_filled_bytes(nbytes, _poison_byte()) for nbytes in sizes]
-    jax.block_until_ready(poison)
-    ranges = [(p.unsafe_buffer_pointer(), p.unsafe_buffer_pointer() + p.nbytes) for p in poison]
-    for p in poison:
-        p.delete()
-
-    outputs = jax.block_until_ready(compiled(*args))
-    for out in jax.tree.leaves(outputs):
-        assert _covered(out.unsafe_buffer_pointer(), out.nbytes, ranges), (
-            "the output buffer did not land in the freed NaN-filled memory, so unwritten elements "
-            "would go unnoticed (a different XLA_PYTHON_CLIENT_ALLOCATOR?)")
-    return outputs
+    for _ in range(_POISON_ATTEMPTS):
+        poison = [_filled_bytes(nbytes, _poison_byte()) for nbytes in sizes]
+        jax.block_until_ready(poison)
+        ranges = [(p.unsafe_buffer_pointer(), p.unsafe_buffer_pointer() + p.nbytes) for p in poison]
+        for p in poison:
+            p.delete()
+        outputs = jax.block_until_ready(compiled(*args))
+        if all(_covered(out.unsafe_buffer_pointer(), out.nbytes, ranges) for out in jax.tree.leaves(outputs)):
+            return outputs
+        for out in jax.tree.leaves(outputs):
+            out.delete()
+    raise AssertionError(
+        "the output buffer did not land in the freed NaN-filled memory, so unwritten elements "
+        "would go unnoticed (a different XLA_PYTHON_CLIENT_ALLOCATOR?)")
 
 
 # --- Oracle and the low-precision baseline ----------------------------------------------------
