@@ -242,6 +242,7 @@ SOFTCAP_CASES = [
     (30.0, False, (-1, -1), 1025, 97, 64, "fp16", 2, 2, False),      # sq > sk
     (5.0, True, (-1, -1), 1025, 97, 128, "bf16", 2, 2, False),       # rows < 928 see no key
     (5.0, True, (200, -1), 1025, 1025, 128, "bf16", 2, 2, True),
+    (30.0, False, (300, -1), 1100, 1037, 128, "bf16", 2, 1, False),  # a left bound alone; SM80 kernels
 ]
 
 
