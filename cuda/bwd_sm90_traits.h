@@ -13,6 +13,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "sm90_gmem_matrix.h"
+#include "sm90_warp_roles.h"
 
 namespace jax_flash {
 
@@ -29,18 +30,14 @@ template <> struct Sm90BwdTileSize<128> { static constexpr int kBlockM = 64, kBl
 template <> struct Sm90BwdTileSize<256> { static constexpr int kBlockM = 64, kBlockN = 64; };
 
 template <int kHeadDim_, typename Element_>
-struct Sm90BwdTraits {
+struct Sm90BwdTraits : Sm90WarpRoles {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kMmaWarpGroups = 2;
   static constexpr int kBlockM = Sm90BwdTileSize<kHeadDim>::kBlockM;
   static constexpr int kBlockN = Sm90BwdTileSize<kHeadDim>::kBlockN;
   static constexpr bool kSplitHeadDim = kBlockN == 64;
   static_assert(kBlockN == 64 * (kSplitHeadDim ? 1 : kMmaWarpGroups), "64 keys per wgmma M");
   static constexpr int kStages = 2;  // of Q, dO and their row statistics
-  static constexpr int kNThreads = 128 * (kMmaWarpGroups + 1);  // the producer warpgroup first
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
-  static_assert(128 * (kMmaWarpGroups * kConsumerRegs + kProducerRegs) <= 64 * 1024, "more registers than an SM has");
   // Queries per Sᵀ, dPᵀ block, and head-dim columns of a warpgroup's dK, dV.
   static constexpr int kSdPQueries = kSplitHeadDim ? kBlockM / kMmaWarpGroups : 64;
   static constexpr int kDkvCols = kSplitHeadDim ? kHeadDim / kMmaWarpGroups : kHeadDim;

@@ -14,6 +14,8 @@
 
 #include <cute/tensor.hpp>
 
+#include "sm90_bulk_async.h"
+
 namespace jax_flash {
 
 using namespace cute;
@@ -60,24 +62,12 @@ struct DqStaging {
   }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Makes this thread's stores visible to the TMA unit; a barrier must follow before reduce().
-  __forceinline__ __device__ static void fence() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-
-  // One thread adds the whole staged tile into dq_tile.
+  // One thread adds the whole staged tile into dq_tile (after fence_smem_for_async_proxy() and a
+  // barrier); bulk_wait_read() and bulk_wait_done() wait for it.
   __forceinline__ __device__ void reduce(float* dq_tile) const {
-    const uint32_t src = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;"
-                 :
-                 : "l"(dq_tile), "r"(src), "n"(kBytes)
-                 : "memory");
-    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    bulk_reduce_add<kBytes>(dq_tile, smem);
+    bulk_commit();
   }
-
-  // The issuing thread's reductions have read the staging tile (it may be overwritten after a
-  // barrier).
-  __forceinline__ __device__ static void wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
-  // The issuing thread's reductions are complete in global memory.
-  __forceinline__ __device__ static void wait_done() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
 #endif
 };
 

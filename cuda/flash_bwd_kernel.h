@@ -309,7 +309,7 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
     copy(store_pds, thr_store_pds.retile_S(convert_fragment<Element>(acc_s)), tPsP);
     copy(store_pds, thr_store_pds.retile_S(convert_fragment<Element>(acc_dp)), tdSsdS);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if constexpr (Traits::kBulkDq) dq_staging.wait_read();  // a no-op but in the issuing thread
+    if constexpr (Traits::kBulkDq) bulk_wait_read();  // a no-op but in the issuing thread
 #endif
     __syncthreads();  // P and dS visible to every warp (and the dQ staging tile free)
     if (params.dbias != nullptr) {
@@ -340,13 +340,13 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
         // The staging tile is free: the previous tile's reduction finished reading it before the
         // barrier that published P and dS.
         dq_staging.store(acc_dq, thread_idx);
-        dq_staging.fence();
+        fence_smem_for_async_proxy();
         __syncthreads();
         if (thread_idx == 0) {
           if (semaphore != nullptr) wait_turn();
           dq_staging.reduce(dq_tile);
           if (semaphore != nullptr) {
-            dq_staging.wait_done();
+            bulk_wait_done();
             __threadfence();
             atomicAdd(semaphore, 1);
           }
@@ -402,7 +402,7 @@ __forceinline__ __device__ void flash_bwd_key_tile(const FlashBwdParams& params)
                             n_block);
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (Traits::kBulkDq) dq_staging.wait_done();  // shared memory must outlive the reduction
+  if constexpr (Traits::kBulkDq) bulk_wait_done();  // shared memory must outlive the reduction
 #endif
 }
 

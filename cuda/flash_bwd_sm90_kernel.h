@@ -25,6 +25,7 @@
 #include "bwd_sm90_traits.h"
 #include "flash_params.h"
 #include "register_layouts.h"
+#include "sm90_bulk_async.h"
 #include "sm90_wgmma.h"
 
 namespace jax_flash {
@@ -231,7 +232,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       *reinterpret_cast<uint32_t*>(&tile(first_query + get<1>(key_query), key_offset + get<0>(key_query))) = pair;
     }
   };
-  // dQ's rows of floats, staged for the bulk reduction: row r at dq_rows(r).
+  // dQ's rows of floats, staged for the bulk reductions.
   auto dq_row = [&](int slot, int row) -> float* {
     if constexpr (kSplitHeadDim) {  // the first half of the rows in Q's slot, the rest in dO's
       static_assert(2 * Traits::kQBytes == kBlockM * kHeadDim * sizeof(float), "Q's and dO's slots hold dQ");
@@ -242,12 +243,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     } else {
       return shared.p_or_dq.dq + row * kHeadDim;
     }
-  };
-  auto reduce_rows = [&](float* dq_tile, const float* rows, int count) {
-    const uint32_t src = static_cast<uint32_t>(__cvta_generic_to_shared(rows));
-    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(dq_tile),
-                 "r"(src), "r"(count * kHeadDim * 4)
-                 : "memory");
   };
 
   PipelineState qdo_state, stats_state;  // slot 0, phase 0
@@ -304,7 +299,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     ++stats_state;
     fence_smem_for_async_proxy();
     // The staging rows are free once the previous reductions have read them.
-    if (dq_leader) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+    if (dq_leader) bulk_wait_read();
     consumers_sync(Sm90BwdBarrier::kDsStored, kConsumerThreads);
     if constexpr (kSplitHeadDim) {
       if (holding) pipeline_qdo.consumer_release(held_state);  // its dQ rows are read
@@ -337,13 +332,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     consumers_sync(Sm90BwdBarrier::kDqStaged, kConsumerThreads);
     if (dq_leader) {
       float* dq_tile = dq_accum + int64_t(m_block) * kBlockM * kHeadDim;
+      constexpr uint32_t kRowBytes = kHeadDim * sizeof(float);
       if constexpr (kSplitHeadDim) {
-        reduce_rows(dq_tile, dq_row(slot, 0), kBlockM / 2);
-        reduce_rows(dq_tile + kBlockM / 2 * kHeadDim, dq_row(slot, kBlockM / 2), kBlockM / 2);
+        bulk_reduce_add<kBlockM / 2 * kRowBytes>(dq_tile, dq_row(slot, 0));
+        bulk_reduce_add<kBlockM / 2 * kRowBytes>(dq_tile + kBlockM / 2 * kHeadDim, dq_row(slot, kBlockM / 2));
       } else {
-        reduce_rows(dq_tile, dq_row(slot, 0), kBlockM);
+        bulk_reduce_add<kBlockM * kRowBytes>(dq_tile, dq_row(slot, 0));
       }
-      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+      bulk_commit();
     }
   }
 
@@ -364,7 +360,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     }
   }
   // Shared memory must outlive the last reduction.
-  if (dq_leader) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  if (dq_leader) bulk_wait_done();
 #endif
 }
 

@@ -118,25 +118,23 @@ bool device_is_sm90() {
          minor == 0;
 }
 
-// The Hopper kernels run where they were built for the head dim, on an SM90 device, when nothing
-// asks for the SM80 family's score modifiers or packed-sequence ranges.
-bool use_sm90_fwd(const FlashFwdParams& p) {
-  using Sm90HeadDims = HeadDimList<JAX_FLASH_SM90_FWD_HEAD_DIM_LIST>;
-  return contains(Sm90HeadDims{}, p.head_dim) && !has_score_mods(p) && !p.row_ranges &&
-         tma_aligned(p.q, p.q_row_stride, p.q_head_stride, p.q_batch_stride) &&
+// The Hopper kernels run on an SM90 device when nothing asks for the SM80 family's score modifiers
+// or packed-sequence ranges and TMA can read q, k and v (and where they were built for the head dim).
+bool sm90_can_run(const FlashFwdParams& p) {
+  return !has_score_mods(p) && !p.row_ranges && tma_aligned(p.q, p.q_row_stride, p.q_head_stride, p.q_batch_stride) &&
          tma_aligned(p.k, p.k_row_stride, p.k_head_stride, p.k_batch_stride) &&
          tma_aligned(p.v, p.v_row_stride, p.v_head_stride, p.v_batch_stride) && device_is_sm90();
 }
 
-// The backward also leaves the deterministic mode to the SM80 family.
+bool use_sm90_fwd(const FlashFwdParams& p) {
+  return contains(HeadDimList<JAX_FLASH_SM90_FWD_HEAD_DIM_LIST>{}, p.head_dim) && sm90_can_run(p);
+}
+
+// The backward also reads dout by TMA, and leaves the deterministic mode to the SM80 family.
 bool use_sm90_bwd(const FlashBwdParams& params) {
-  using Sm90HeadDims = HeadDimList<JAX_FLASH_SM90_BWD_HEAD_DIM_LIST>;
   const FlashFwdParams& p = params.fwd;
-  return contains(Sm90HeadDims{}, p.head_dim) && !has_score_mods(p) && !p.row_ranges && !params.dq_semaphore &&
-         tma_aligned(p.q, p.q_row_stride, p.q_head_stride, p.q_batch_stride) &&
-         tma_aligned(p.k, p.k_row_stride, p.k_head_stride, p.k_batch_stride) &&
-         tma_aligned(p.v, p.v_row_stride, p.v_head_stride, p.v_batch_stride) &&
-         tma_aligned(params.dout, p.out_row_stride, p.out_head_stride, p.out_batch_stride) && device_is_sm90();
+  return contains(HeadDimList<JAX_FLASH_SM90_BWD_HEAD_DIM_LIST>{}, p.head_dim) && !params.dq_semaphore &&
+         tma_aligned(params.dout, p.out_row_stride, p.out_head_stride, p.out_batch_stride) && sm90_can_run(p);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "sm90_gmem_matrix.h"
+#include "sm90_warp_roles.h"
 
 namespace jax_flash {
 
@@ -25,16 +26,11 @@ template <> struct Sm90FwdTileSize<128> { static constexpr int kBlockN = 128, kS
 template <> struct Sm90FwdTileSize<256> { static constexpr int kBlockN = 64, kStages = 2; };
 
 template <int kHeadDim_, typename Element_>
-struct Sm90FwdTraits {
+struct Sm90FwdTraits : Sm90WarpRoles {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kMmaWarpGroups = 2;
-  // setmaxnreg: the producer gives its registers to the consumers (all within the SM's 64K).
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
-  static_assert(128 * (kMmaWarpGroups * kConsumerRegs + kProducerRegs) <= 64 * 1024, "more registers than an SM has");
   static constexpr int kBlockM = 64 * kMmaWarpGroups;
   static constexpr int kBlockN = Sm90FwdTileSize<kHeadDim>::kBlockN;
-  static constexpr int kNThreads = 128 * (kMmaWarpGroups + 1);  // the producer warpgroup first
   static constexpr int kStages = Sm90FwdTileSize<kHeadDim>::kStages;
   static_assert(kHeadDim % 64 == 0, "the 128-byte swizzle atom spans 64 elements of a row");
 

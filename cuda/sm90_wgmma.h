@@ -55,10 +55,4 @@ __forceinline__ __device__ auto wgmma_acc_to_a_layout(Layout acc) {
   return make_layout(make_layout(get<0>(split), get<1>(split), get<2, 0>(split)), get<1>(acc), get<2, 1>(split));
 }
 
-// Makes the shared memory this thread wrote with ordinary stores or cp.async visible to the
-// tensor cores' (async proxy) reads that follow the next barrier.
-__forceinline__ __device__ void fence_smem_for_async_proxy() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
 }  // namespace jax_flash
