@@ -4,7 +4,7 @@ timed in the same run.
     python -m jax_flash.bench [--out bench_results.json] [--passes fwd,fwd_bwd]
         [--head-dims 64,128,256] [--seqlens ...] [--impls flash,cudnn,xla]
         [--causal both|true|false] [--dtype bf16] [--kv-group G] [--window W] [--segments N]
-        [--softcap C] [--alibi] [--dropout P] [--key-padding F] [--bias]
+        [--softcap C] [--alibi] [--dropout P] [--key-padding F] [--bias] [--deterministic]
         [--quick] [--max-seconds S] [--no-charts]
     python -m jax_flash.bench --charts-from bench_results.json   # redraw the charts only
     python -m jax_flash.bench --ring [--devices N]   # ring attention over the visible devices
@@ -30,6 +30,8 @@ jax.nn.dot_product_attention has none of these, so cuDNN and XLA skip those rows
 argument; FLOPs count the visible pairs. --bias adds a standard-normal bfloat16 bias of shape
 [1, heads, seqlen, seqlen] (a learned per-head bias, as in T5), which every implementation takes;
 fwd_bwd does not differentiate it (so jax-flash's backward computes no dbias).
+--deterministic runs jax-flash's backward with deterministic=True (dq added in a fixed order);
+the other implementations run as they are.
 
 --segments N (packed sequences) replaces each configuration of seqlen S by two: "packed", the same
 batch and seqlen with q_segment_ids cutting every row into N documents of S / N tokens, its FLOPs
@@ -122,6 +124,7 @@ class Shape:
     dropout: float = 0.0  # > 0: attention probabilities dropped at this rate
     key_padding: float = 0.0  # > 0: this fraction of the keys, the last ones, hidden by a mask
     bias: bool = False  # a [1, num_heads, seqlen, seqlen] bfloat16 bias
+    deterministic: bool = False  # jax-flash's backward with deterministic=True
 
     @property
     def num_kv_heads(self) -> int:
@@ -180,7 +183,7 @@ def build_grid(args, backend: str) -> list[tuple[Shape, ...]]:
     causal_modes = CAUSAL_MODES[args.causal]
     options = dict(kv_group=args.kv_group, window=args.window, softcap=args.softcap,
                    alibi=args.alibi, dropout=args.dropout, key_padding=args.key_padding,
-                   bias=args.bias)
+                   bias=args.bias, deterministic=args.deterministic)
     if backend == "gpu":
         head_dims = args.head_dims or PAPER_HEAD_DIMS
         seqlens = args.seqlens or (QUICK_SEQLENS if args.quick else PAPER_SEQLENS)
@@ -269,7 +272,7 @@ def attention_fn(impl: str, shape: Shape, softmax_scale: float, backend: str):
                                window_size=shape.window_size, softcap=shape.softcap,
                                alibi_slopes=shape.alibi_slopes, dropout_rate=shape.dropout,
                                dropout_rng=jax.random.key(DROPOUT_KEY_SEED) if shape.dropout
-                               else None)
+                               else None, deterministic=shape.deterministic)
     else:
         window = shape.window_size if shape.window >= 0 else None
         fn = functools.partial(jax.nn.dot_product_attention, is_causal=shape.causal,
@@ -710,6 +713,8 @@ def parse_args(argv) -> argparse.Namespace:
                              "mask (0: off)")
     parser.add_argument("--bias", action="store_true",
                         help="add a bfloat16 [1, heads, seqlen, seqlen] standard-normal bias")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="jax-flash's backward with deterministic=True")
     parser.add_argument("--quick", action="store_true",
                         help="fewer seqlens and shorter timing, for a first look")
     parser.add_argument("--xla-max-seqlen", type=int, default=DEFAULT_XLA_MAX_SEQLEN,

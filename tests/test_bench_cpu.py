@@ -203,6 +203,27 @@ def test_alibi_rows(tmp_path, monkeypatch):
             assert row["status"] == "ok" and 0 < row["rel_err"] < 2e-2, row
 
 
+def test_deterministic_rows(tmp_path, monkeypatch):
+    # --deterministic reaches flash_attention on flash's rows; XLA's rows run as they are.
+    monkeypatch.setattr(bench, "QUICK_TIMING", bench.TimingSettings(1, 1, 0.0))
+    seen = []
+    original = bench.jax_flash.flash_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["deterministic"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(bench.jax_flash, "flash_attention", spy)
+    out = tmp_path / "deterministic.json"
+    bench.main(["--out", str(out), "--no-charts", "--impls", "flash,xla", "--deterministic",
+                *TINY])
+    rows = json.loads(out.read_text())["rows"]
+    assert seen and all(seen)
+    assert {row["impl"] for row in rows} == {"flash", "xla"}
+    for row in rows:
+        assert row["deterministic"] and row["status"] == "ok" and 0 < row["rel_err"] < 2e-2, row
+
+
 def test_dropout_rows(tmp_path, monkeypatch):
     # Dropout on flash's rows, held to the oracle with the very mask flash draws (a different
     # mask leaves a rel_err of about 0.6); XLA's row is skipped.
