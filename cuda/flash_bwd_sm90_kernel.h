@@ -11,8 +11,8 @@
 // With 128 keys per CTA each consumer owns 64 keys (Pᵀ, dSᵀ stay in registers for dV, dK); at head
 // dim 256 (kSplitHeadDim, 64 keys) each owns half the head dim of dK and dV and forms Sᵀ for half
 // the queries, Pᵀ and dSᵀ meeting in shared memory. Plain attention, causal and windowed bands,
-// GQA (dK, dV per query head), the deterministic mode (dQ added in key-tile order); the score
-// modifiers and packed sequences stay on the SM80 family.
+// GQA (dK, dV per query head); the score modifiers, packed sequences and the deterministic mode
+// stay on the SM80 family.
 #pragma once
 
 #include <cmath>
@@ -331,17 +331,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     fence_smem_for_async_proxy();
     consumers_sync(Sm90BwdBarrier::kDqStaged, kConsumerThreads);
     if (dq_leader) {
-      // Deterministic mode: the key tiles add into this query tile one at a time, in key-tile order
-      // (key tile n waits for those before it in the band, which the grid, n_block fastest,
-      // scheduled no later).
-      int* semaphore = nullptr;
-      if (params.dq_semaphore != nullptr) {
-        const int counters = (p.seqlen_q + kDqSemaphoreRowsPerCounter - 1) / kDqSemaphoreRowsPerCounter;
-        semaphore = params.dq_semaphore + (int64_t(batch) * p.num_heads + head) * counters + m_block;
-        const int turn = n_block - mask.n_block_begin(m_block);
-        while (*reinterpret_cast<volatile int*>(semaphore) != turn) {
-        }
-      }
       float* dq_tile = dq_accum + int64_t(m_block) * kBlockM * kHeadDim;
       constexpr uint32_t kRowBytes = kHeadDim * sizeof(float);
       if constexpr (kSplitHeadDim) {
@@ -351,11 +340,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         bulk_reduce_add<kBlockM * kRowBytes>(dq_tile, dq_row(slot, 0));
       }
       bulk_commit();
-      if (semaphore != nullptr) {
-        bulk_wait_done();  // the sums are in global memory before the turn passes on
-        __threadfence();
-        atomicAdd(semaphore, 1);
-      }
     }
   }
 

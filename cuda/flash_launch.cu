@@ -130,10 +130,10 @@ bool use_sm90_fwd(const FlashFwdParams& p) {
   return contains(HeadDimList<JAX_FLASH_SM90_FWD_HEAD_DIM_LIST>{}, p.head_dim) && sm90_can_run(p);
 }
 
-// The backward also reads dout by TMA.
+// The backward also reads dout by TMA, and leaves the deterministic mode to the SM80 family.
 bool use_sm90_bwd(const FlashBwdParams& params) {
   const FlashFwdParams& p = params.fwd;
-  return contains(HeadDimList<JAX_FLASH_SM90_BWD_HEAD_DIM_LIST>{}, p.head_dim) &&
+  return contains(HeadDimList<JAX_FLASH_SM90_BWD_HEAD_DIM_LIST>{}, p.head_dim) && !params.dq_semaphore &&
          tma_aligned(params.dout, p.out_row_stride, p.out_head_stride, p.out_batch_stride) && sm90_can_run(p);
 }
 

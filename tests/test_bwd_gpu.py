@@ -80,7 +80,7 @@ def test_lse_cotangent(seed, seqlen_q, seqlen_k, causal):
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_deterministic_grads_are_bitwise_reproducible(seed, head_dim):
     """One compiled gradient run twice gives the same bits: nothing reduces in a racing order
-    (each head dim's own tile shapes, on Hopper its own backward kernel)."""
+    (each head dim's own tile shapes)."""
     require_kernel(head_dim)
     q, k, v = random_qkv(seed, 2, 1025, 1025, 4, head_dim, jnp.bfloat16)
     dout, dlse = _cotangents(seed, q, with_lse=True)

@@ -215,7 +215,7 @@ def test_window(seed, window_size, causal, seqlen_q, seqlen_k, head_dim, dtype, 
 @pytest.mark.parametrize("window_size,causal,seqlen_q,seqlen_k,head_dim", [
     ((200, -1), True, 1025, 1025, 128),  # backward tiles 64 × 128: each band starts past tile 0
     ((150, -1), False, 257, 700, 64),    # tiles 128 × 128, a left bound alone, sq < sk
-    ((300, 0), False, 700, 900, 256),    # Hopper backward tiles 64 × 64
+    ((300, 0), False, 700, 900, 256),    # head dim 256, a right bound of 0 without causal
 ])
 def test_window_deterministic(seed, window_size, causal, seqlen_q, seqlen_k, head_dim):
     """deterministic=True adds dq in the order of each query tile's key tiles, counted from the
