@@ -4,9 +4,9 @@
 // mbarrier pair (full: the bytes landed; empty: every consumer is done with it). Each consumer:
 // S = QKᵀ as wgmma with both operands in shared memory, the online softmax in registers, O += PV
 // as wgmma with P from registers; it issues tile i's S and runs its softmax while the tensor cores
-// still add tile i-1's P·V. The producer gives its registers to the consumers (setmaxnreg). Plain
-// attention, causal and windowed bands, GQA; the score modifiers and packed sequences stay on the
-// SM80 family.
+// still add tile i-1's P·V; O leaves through shared memory by one TMA store. The producer gives its
+// registers to the consumers (setmaxnreg). Plain attention, causal and windowed bands, GQA; the
+// score modifiers and packed sequences stay on the SM80 family.
 #pragma once
 
 #include <cmath>
@@ -33,6 +33,7 @@ struct Sm90FwdArgs {
   typename Traits::TmaQ tma_q;
   typename Traits::TmaKV tma_k;
   typename Traits::TmaKV tma_v;
+  typename Traits::TmaO tma_o;
 };
 
 template <typename Traits>
@@ -120,10 +121,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
   const int thread_idx = threadIdx.x - 128;
   const int rows_in_tile = min(kBlockM, params.seqlen_q - m_block * kBlockM);
-  Tensor mO = make_tensor(make_gmem_ptr(static_cast<Element*>(params.out) + batch * params.out_batch_stride +
-                                        head * params.out_head_stride),
-                          make_shape(params.seqlen_q, Int<kHeadDim>{}), make_stride(params.out_row_stride, _1{}));
-  Tensor gO = local_tile(mO, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (kBlockM, kHeadDim)
   float* lse_row = params.lse + (int64_t(batch) * params.num_heads + head) * params.seqlen_q;
 
   typename Traits::TiledMmaS tiled_mma_s;
@@ -188,7 +185,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     warpgroup_wait<0>();
   }
 
-  // ---- Epilogue: normalize, write O and the lse rows straight from registers ----
+  // ---- Epilogue: normalize; the lse rows straight from registers, O through shared memory ----
   Tensor lse = softmax.finalize(acc_o_rc, params.logit_scale);
   if (get<1>(score_coords(0, 0)) == 0) {  // one thread of each quad writes its rows' lse
     CUTE_UNROLL
@@ -197,12 +194,21 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       if (row < rows_in_tile) lse_row[m_block * kBlockM + row] = lse(r);
     }
   }
+  // Q's buffer takes O: each warpgroup's S MMAs read only its own 64 rows of Q, all finished by now,
+  // and it overwrites only those rows.
   Tensor rO = convert_fragment<Element>(acc_o);
-  Tensor tOgO = thr_mma_o.partition_C(gO);  // (MMA, MMA_M, MMA_N)
-  Tensor tOcO = thr_mma_o.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  CUTE_UNROLL
-  for (int i = 0; i < size(rO); ++i) {
-    if (get<0>(tOcO(i)) < rows_in_tile) tOgO(i) = rO(i);
+  typename Traits::SmemCopyO smem_copy_o;
+  auto thr_copy_o = smem_copy_o.get_thread_slice(thread_idx);
+  copy(smem_copy_o, thr_copy_o.retile_S(rO), thr_copy_o.partition_D(sQ));
+  cutlass::arch::fence_view_async_shared();  // make the stores visible to the TMA unit
+  cutlass::arch::NamedBarrier::sync(128 * Traits::kMmaWarpGroups, /*barrier_id=*/0);
+  if (thread_idx == 0) {
+    Tensor mO = args.tma_o.get_tma_tensor(make_shape(params.seqlen_q, Int<kHeadDim>{}, params.num_heads, params.batch));
+    Tensor gO = local_tile(mO(_, _, head, batch), Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));
+    auto [tOgO, tOsO] = tma_partition(args.tma_o, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gO));
+    copy(args.tma_o, tOsO, tOgO);
+    tma_store_arrive();
+    tma_store_wait<0>();  // the CTA's shared memory must outlive the store's reads of it
   }
 #endif
 }

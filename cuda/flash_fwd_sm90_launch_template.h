@@ -1,5 +1,5 @@
 // Launch of the Hopper forward kernel for one head dim and element type (instantiated per head
-// dim in instantiations/, compiled for sm_90a only): the TMA descriptors of Q, K and V, then the
+// dim in instantiations/, compiled for sm_90a only): the TMA descriptors of Q, K, V and O, then the
 // kernel.
 #pragma once
 
@@ -34,7 +34,11 @@ cudaError_t run_flash_fwd_sm90_hdim(const FlashFwdParams& params, cudaStream_t s
       make_tma_copy(SM90_TMA_LOAD{},
                     matrix(params.v, params.seqlen_k, params.num_heads_k, params.v_row_stride, params.v_head_stride,
                            params.v_batch_stride),
-                    typename Traits::SmemLayoutKVTile{})};
+                    typename Traits::SmemLayoutKVTile{}),
+      make_tma_copy(SM90_TMA_STORE{},
+                    matrix(params.out, params.seqlen_q, params.num_heads, params.out_row_stride,
+                           params.out_head_stride, params.out_batch_stride),
+                    typename Traits::SmemLayoutQ{})};
   auto kernel = &flash_fwd_sm90_kernel<Traits>;
   constexpr int kSmemBytes = Traits::kSmemBytes;
   const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);

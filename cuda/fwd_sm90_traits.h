@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cute/tensor.hpp>
+#include <cute/atom/copy_traits_sm90.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
@@ -55,6 +56,10 @@ struct Sm90FwdTraits : Sm90WarpRoles {
 
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, Sm90GmemMatrix<kHeadDim, Element>{}, SmemLayoutQ{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, Sm90GmemMatrix<kHeadDim, Element>{}, SmemLayoutKVTile{}));
+  // O leaves through Q's buffer (same shape and layout): registers to shared memory by stmatrix,
+  // then one TMA store, which writes whole lines and clips the rows past seqlen_q.
+  using TmaO = decltype(make_tma_copy(SM90_TMA_STORE{}, Sm90GmemMatrix<kHeadDim, Element>{}, SmemLayoutQ{}));
+  using SmemCopyO = decltype(make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, TiledMmaO{}));
   static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kKVTileBytes = kBlockN * kHeadDim * sizeof(Element);
 
