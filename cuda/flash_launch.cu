@@ -103,7 +103,7 @@ cudaError_t over_batch_slices(int batch, Launch&& launch) {
   return cudaSuccess;
 }
 
-// TMA reads from 16-byte aligned addresses and row, head and batch strides.
+// TMA reads and writes 16-byte aligned addresses and row, head and batch strides.
 bool tma_aligned(const void* data, int64_t row_stride, int64_t head_stride, int64_t batch_stride) {
   return reinterpret_cast<uintptr_t>(data) % 16 == 0 && row_stride % 8 == 0 && head_stride % 8 == 0 &&
          batch_stride % 8 == 0;
@@ -126,8 +126,10 @@ bool sm90_can_run(const FlashFwdParams& p) {
          tma_aligned(p.v, p.v_row_stride, p.v_head_stride, p.v_batch_stride) && device_is_sm90();
 }
 
+// The forward also writes out by TMA.
 bool use_sm90_fwd(const FlashFwdParams& p) {
-  return contains(HeadDimList<JAX_FLASH_SM90_FWD_HEAD_DIM_LIST>{}, p.head_dim) && sm90_can_run(p);
+  return contains(HeadDimList<JAX_FLASH_SM90_FWD_HEAD_DIM_LIST>{}, p.head_dim) &&
+         tma_aligned(p.out, p.out_row_stride, p.out_head_stride, p.out_batch_stride) && sm90_can_run(p);
 }
 
 // The backward also reads dout by TMA, and leaves the deterministic mode to the SM80 family.
