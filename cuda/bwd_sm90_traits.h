@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include <cute/tensor.hpp>
+#include <cute/atom/copy_traits_sm90.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
@@ -78,6 +79,10 @@ struct Sm90BwdTraits : Sm90WarpRoles {
 
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, Sm90GmemMatrix<kHeadDim, Element>{}, SmemLayoutQTile{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, Sm90GmemMatrix<kHeadDim, Element>{}, SmemLayoutKV{}));
+  // dK and dV leave through K's and V's buffers: registers to shared memory by stmatrix, then a
+  // TMA store each, which writes whole lines and clips the keys past seqlen_k.
+  using TmaDkv = decltype(make_tma_copy(SM90_TMA_STORE{}, Sm90GmemMatrix<kHeadDim, Element>{}, SmemLayoutKV{}));
+  using SmemCopyDkv = decltype(make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, TiledMmadKV{}));
   static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);
 

@@ -6,13 +6,14 @@
 //   Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (wgmma, both operands in shared memory),
 //   Pᵀ = exp(scale·Sᵀ − lse), dSᵀ = Pᵀ ∘ (dPᵀ − delta) in registers,
 //   dV += Pᵀ·dO and dK += dSᵀ·Q (wgmma),
-//   dS to shared memory; dQ = dS·K, each warpgroup a block of it, staged in shared memory and
-//   added to dq_accum (rows of float32, zeroed by the caller) by TMA bulk reductions.
-// With 128 keys per CTA each consumer owns 64 keys (Pᵀ, dSᵀ stay in registers for dV, dK); at head
-// dim 256 (kSplitHeadDim, 64 keys) each owns half the head dim of dK and dV and forms Sᵀ for half
-// the queries, Pᵀ and dSᵀ meeting in shared memory. Plain attention, causal and windowed bands,
-// GQA (dK, dV per query head); the score modifiers, packed sequences and the deterministic mode
-// stay on the SM80 family.
+//   dS to shared memory; dQ = dS·K, each warpgroup a block of it, staged in shared memory.
+// A third producer warp adds the staged dQ to dq_accum (rows of float32, zeroed by the caller) by
+// TMA bulk reductions; in deterministic mode it takes its turn on dq_semaphore first, off the
+// consumers' path. With 128 keys per CTA each consumer owns 64 keys (Pᵀ, dSᵀ stay in registers
+// for dV, dK); at head dim 256 (kSplitHeadDim, 64 keys) each owns half the head dim of dK and dV
+// and forms Sᵀ for half the queries, Pᵀ and dSᵀ meeting in shared memory. Plain attention, causal
+// and windowed bands, GQA (dK, dV per query head); the score modifiers and packed sequences stay
+// on the SM80 family.
 #pragma once
 
 #include <cmath>
@@ -26,27 +27,37 @@
 #include "flash_params.h"
 #include "register_layouts.h"
 #include "sm90_bulk_async.h"
+#include "sm90_tile_order.h"
 #include "sm90_wgmma.h"
 
 namespace jax_flash {
 
 using namespace cute;
 
-// The kernel's arguments: the parameters and the TMA descriptors the host built from them.
+// The kernel's arguments: the parameters, the order of the CTAs and the TMA descriptors the host
+// built from them.
 template <typename Traits>
 struct Sm90BwdArgs {
   FlashBwdParams params;
+  Sm90TileOrder tile_order;
   typename Traits::TmaQ tma_q;
   typename Traits::TmaQ tma_do;
   typename Traits::TmaKV tma_k;
   typename Traits::TmaKV tma_v;
+  typename Traits::TmaDkv tma_dk;
+  typename Traits::TmaDkv tma_dv;
 };
 
-// Named barriers of the two consumer warpgroups (id 0 is __syncthreads').
-enum class Sm90BwdBarrier : int { kDsStored = 1, kDqStaged = 2, kMmasDone = 3 };
+// Named barriers (id 0 is __syncthreads'): kDqReady and kDqFree between the two consumer
+// warpgroups and the dQ writer warp, the others among the consumers.
+enum class Sm90BwdBarrier : int { kDsStored = 1, kMmasDone = 2, kDqReady = 3, kDqFree = 4, kDkvStaged = 5 };
 
-__forceinline__ __device__ void consumers_sync(Sm90BwdBarrier id, int threads) {
+__forceinline__ __device__ void named_sync(Sm90BwdBarrier id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(static_cast<int>(id)), "r"(threads) : "memory");
+}
+
+__forceinline__ __device__ void named_arrive(Sm90BwdBarrier id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(static_cast<int>(id)), "r"(threads) : "memory");
 }
 
 template <typename Traits>
@@ -62,6 +73,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kConsumerThreads = 128 * Traits::kMmaWarpGroups;
+  constexpr int kDqSyncThreads = kConsumerThreads + 32;  // and the dQ writer warp
+  constexpr bool kSplitHeadDim = Traits::kSplitHeadDim;
   const FlashBwdParams& params = args.params;
   const FlashFwdParams& p = params.fwd;
 
@@ -69,9 +82,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   auto& shared = *reinterpret_cast<typename Traits::SharedStorage*>(smem_sm90_bwd);
 
   const int warp_group = threadIdx.x / 128;
-  const int n_block = blockIdx.x;
-  const int head = blockIdx.y;
-  const int batch = blockIdx.z;
+  // Heaviest key tiles first: the first ones under a right bound (causal), the last ones under a
+  // left bound alone, except in deterministic mode: there a key tile waits for the ones before it
+  // to add their dQ, so those must be dispatched first or the waiters could fill every SM.
+  const Sm90Tile tile = args.tile_order.at(blockIdx.x);
+  const bool descending = p.window_left >= 0 && p.window_right < 0 && params.dq_semaphore == nullptr;
+  const int n_block = descending ? args.tile_order.tiles_per_pair - 1 - tile.rank : tile.rank;
+  const int head = tile.head;
+  const int batch = tile.batch;
   const AttentionMask<kBlockM, kBlockN> mask{p};
   const int m_begin = mask.m_block_begin(n_block);
   const int m_end = mask.m_block_end(n_block);
@@ -91,6 +109,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   qdo_params.num_consumers = kConsumerThreads;
   PipelineQdO pipeline_qdo(shared.pipeline_qdo, qdo_params, Shape<_1, _1, _1>{});
   const bool stats_warp = threadIdx.x / 32 == 1;
+  const bool dq_writer_warp = threadIdx.x / 32 == 2;
   typename PipelineStats::Params stats_params;
   stats_params.role = stats_warp         ? PipelineStats::ThreadCategory::Producer
                       : warp_group == 0 ? PipelineStats::ThreadCategory::NonParticipant
@@ -104,6 +123,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Tensor sdO = make_tensor(make_smem_ptr(shared.dout.data()), typename Traits::SmemLayoutQ{});  // (kBlockM, d, slot)
   Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutKV{});     // (kBlockN, d)
   Tensor sV = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutKV{});     // (kBlockN, d)
+  // dQ's rows of floats, staged for the bulk reductions.
+  auto dq_row = [&](int slot, int row) -> float* {
+    if constexpr (kSplitHeadDim) {  // the first half of the rows in Q's slot, the rest in dO's
+      static_assert(2 * Traits::kQBytes == kBlockM * kHeadDim * sizeof(float), "Q's and dO's slots hold dQ");
+      constexpr int kHalf = kBlockM / 2;
+      Element* base = row < kHalf ? shared.q.data() : shared.dout.data();
+      return reinterpret_cast<float*>(base + slot * cosize_v<typename Traits::SmemLayoutQTile>) +
+             (row % kHalf) * kHeadDim;
+    } else {
+      return shared.p_or_dq.dq + row * kHeadDim;
+    }
+  };
 
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
@@ -154,18 +185,61 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         pipeline_stats.producer_commit(state);
         ++state;
       }
+    } else if (dq_writer_warp) {
+      // Adds each query tile's dQ share, once the consumers have staged it, into dq_accum by TMA
+      // bulk reductions, issued by lane 0 (a bulk group belongs to the thread that issues it). In
+      // deterministic mode it first waits for the key tiles before this one in the band to have
+      // added theirs; the consumers wait only when they next need the staging rows.
+      const bool issuer = threadIdx.x % 32 == 0;
+      float* dq_accum = params.dq_accum + (int64_t(batch) * p.num_heads + head) * dq_accum_rows(p.seqlen_q) * kHeadDim;
+      int* semaphores = nullptr;  // this (batch, head)'s turn counters
+      if (params.dq_semaphore != nullptr) {
+        const int counters = (p.seqlen_q + kDqSemaphoreRowsPerCounter - 1) / kDqSemaphoreRowsPerCounter;
+        semaphores = params.dq_semaphore + (int64_t(batch) * p.num_heads + head) * counters;
+      }
+      named_arrive(Sm90BwdBarrier::kDqFree, kDqSyncThreads);  // nothing staged yet
+      PipelineState state;  // the consumers' Q/dO slot of each query tile (kSplitHeadDim stages there)
+      for (int m_block = m_begin; m_block < m_end; ++m_block) {
+        named_sync(Sm90BwdBarrier::kDqReady, kDqSyncThreads);
+        if (issuer) {
+          if (semaphores != nullptr) {
+            const int turn = n_block - mask.n_block_begin(m_block);
+            while (*reinterpret_cast<volatile int*>(semaphores + m_block) != turn) {
+            }
+          }
+          float* dq_tile = dq_accum + int64_t(m_block) * kBlockM * kHeadDim;
+          constexpr uint32_t kRowBytes = kHeadDim * sizeof(float);
+          if constexpr (kSplitHeadDim) {
+            bulk_reduce_add<kBlockM / 2 * kRowBytes>(dq_tile, dq_row(state.index(), 0));
+            bulk_reduce_add<kBlockM / 2 * kRowBytes>(dq_tile + kBlockM / 2 * kHeadDim,
+                                                     dq_row(state.index(), kBlockM / 2));
+          } else {
+            bulk_reduce_add<kBlockM * kRowBytes>(dq_tile, dq_row(state.index(), 0));
+          }
+          bulk_commit();
+          if (semaphores != nullptr) {
+            bulk_wait_done();  // the sums are in global memory before the turn passes on
+            __threadfence();
+            atomicAdd(semaphores + m_block, 1);
+          }
+          bulk_wait_read();
+        }
+        __syncwarp();
+        ++state;
+        // The staging rows are free again (the last tile's need not be announced).
+        if (m_block + 1 < m_end) named_arrive(Sm90BwdBarrier::kDqFree, kDqSyncThreads);
+      }
+      if (issuer) bulk_wait_done();  // shared memory must outlive the last reduction
     }
     return;
   }
 
   // ---- Consumers ----
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
-  constexpr bool kSplitHeadDim = Traits::kSplitHeadDim;
   constexpr int kSdPQueries = Traits::kSdPQueries;
   constexpr int kDkvCols = Traits::kDkvCols;
   const int consumer = warp_group - 1;
   const int thread_idx = threadIdx.x % 128;
-  const bool dq_leader = threadIdx.x == 128;  // issues the dQ reductions
   // This warpgroup's keys (rows of Sᵀ, dK, dV) and dK, dV columns.
   const int key_offset = kSplitHeadDim ? 0 : 64 * consumer;
   const int dkv_col_offset = kSplitHeadDim ? kDkvCols * consumer : 0;
@@ -220,7 +294,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Tensor coords_pds = make_tensor(tScS.data(), wgmma_acc_to_a_layout(tScS.layout()));  // tPr's, tdSr's elements
   Tensor coords_dq = thr_dq.partition_C(make_identity_tensor(Shape<_64, Int<Traits::kDqCols>>{}));
   const float scale_log2 = p.logit_scale * float(M_LOG2E);
-  float* dq_accum = params.dq_accum + (int64_t(batch) * p.num_heads + head) * dq_accum_rows(p.seqlen_q) * kHeadDim;
 
   // Stores a block of Pᵀ or dSᵀ as (query, key) elements of a shared-memory tile, two adjacent
   // queries (one 4-byte word there) at a time.
@@ -230,18 +303,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       const auto key_query = coords_pds(i);
       const uint32_t pair = uint32_t(values(i).raw()) | (uint32_t(values(i + 1).raw()) << 16);
       *reinterpret_cast<uint32_t*>(&tile(first_query + get<1>(key_query), key_offset + get<0>(key_query))) = pair;
-    }
-  };
-  // dQ's rows of floats, staged for the bulk reductions.
-  auto dq_row = [&](int slot, int row) -> float* {
-    if constexpr (kSplitHeadDim) {  // the first half of the rows in Q's slot, the rest in dO's
-      static_assert(2 * Traits::kQBytes == kBlockM * kHeadDim * sizeof(float), "Q's and dO's slots hold dQ");
-      constexpr int kHalf = kBlockM / 2;
-      Element* base = row < kHalf ? shared.q.data() : shared.dout.data();
-      return reinterpret_cast<float*>(base + slot * cosize_v<typename Traits::SmemLayoutQTile>) +
-             (row % kHalf) * kHeadDim;
-    } else {
-      return shared.p_or_dq.dq + row * kHeadDim;
     }
   };
 
@@ -292,17 +353,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         wgmma_gemm</*kZeroInit=*/false>(mma_dkv, tdSr, tdKrQt(_, _, _, 0, block, slot), acc_dk);
       }
       // dS into shared memory for dQ (while the tensor cores add dV and dK). The previous tile's
-      // MMAs finished reading it before the last kDqStaged barrier.
+      // MMAs finished reading it before the last kDqFree (kSplitHeadDim: kMmasDone) barrier.
       store_pairs(tdSr, sdS, first_query);
     }
     pipeline_stats.consumer_release(stats_state);
     ++stats_state;
     fence_smem_for_async_proxy();
-    // The staging rows are free once the previous reductions have read them.
-    if (dq_leader) bulk_wait_read();
-    consumers_sync(Sm90BwdBarrier::kDsStored, kConsumerThreads);
+    named_sync(Sm90BwdBarrier::kDsStored, kConsumerThreads);
     if constexpr (kSplitHeadDim) {
-      if (holding) pipeline_qdo.consumer_release(held_state);  // its dQ rows are read
+      // The previous tile's dQ rows, staged in the slot still held, are read: it returns to the
+      // producer.
+      named_sync(Sm90BwdBarrier::kDqFree, kDqSyncThreads);
+      if (holding) pipeline_qdo.consumer_release(held_state);
       Tensor sPt = make_tensor(make_smem_ptr(shared.p_or_dq.p.data()), typename Traits::SmemLayoutdSt{});
       Tensor sdSt = make_tensor(make_smem_ptr(shared.ds.data()), typename Traits::SmemLayoutdSt{});
       Tensor tdVrPt = thr_dkv.partition_fragment_A(sPt);    // (MMA, MMA_M, MMA_K)
@@ -316,51 +378,52 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     if constexpr (kSplitHeadDim) {
       // dQ goes into this slot's Q and dO: both warpgroups must be done reading them. The slot
       // returns to the producer once the reductions have read it (next tile, or never).
-      consumers_sync(Sm90BwdBarrier::kMmasDone, kConsumerThreads);
+      named_sync(Sm90BwdBarrier::kMmasDone, kConsumerThreads);
       held_state = qdo_state;
       holding = true;
     } else {
       pipeline_qdo.consumer_release(qdo_state);
     }
     ++qdo_state;
+    // The staging rows are free once the previous tile's reductions have read them.
+    if constexpr (!kSplitHeadDim) named_sync(Sm90BwdBarrier::kDqFree, kDqSyncThreads);
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dq); ++i) {
       const int row = 64 * dq_row_block + get<0>(coords_dq(i));
       dq_row(slot, row)[Traits::kDqCols * dq_col_block + get<1>(coords_dq(i))] = acc_dq(i);
     }
     fence_smem_for_async_proxy();
-    consumers_sync(Sm90BwdBarrier::kDqStaged, kConsumerThreads);
-    if (dq_leader) {
-      float* dq_tile = dq_accum + int64_t(m_block) * kBlockM * kHeadDim;
-      constexpr uint32_t kRowBytes = kHeadDim * sizeof(float);
-      if constexpr (kSplitHeadDim) {
-        bulk_reduce_add<kBlockM / 2 * kRowBytes>(dq_tile, dq_row(slot, 0));
-        bulk_reduce_add<kBlockM / 2 * kRowBytes>(dq_tile + kBlockM / 2 * kHeadDim, dq_row(slot, kBlockM / 2));
-      } else {
-        bulk_reduce_add<kBlockM * kRowBytes>(dq_tile, dq_row(slot, 0));
-      }
-      bulk_commit();
-    }
+    named_arrive(Sm90BwdBarrier::kDqReady, kDqSyncThreads);  // the writer warp may add the rows
   }
 
-  // ---- Epilogue: dK = softmax_scale · Σ dSᵀQ and dV = Σ PᵀdO; keys past seqlen_k are not written ----
-  Tensor coords_dkv = thr_dkv.partition_C(make_identity_tensor(Shape<_64, Int<kDkvCols>>{}));
-  const int first_key = n_block * kBlockN + key_offset;
-  const int64_t dkv_offset = batch * params.dkv_batch_stride + head * params.dkv_head_stride +
-                             int64_t(first_key) * params.dkv_row_stride + dkv_col_offset;
-  Element* dk = static_cast<Element*>(params.dk) + dkv_offset;
-  Element* dv = static_cast<Element*>(params.dv) + dkv_offset;
+  // ---- Epilogue: dK = softmax_scale · Σ dSᵀQ and dV = Σ PᵀdO, through K's and V's buffers, out
+  // by TMA stores. Both warpgroups' last dQ MMAs (which read every key of K) finish first. ----
+  named_sync(Sm90BwdBarrier::kMmasDone, kConsumerThreads);
   CUTE_UNROLL
-  for (int i = 0; i < size(acc_dk); ++i) {
-    const int key = get<0>(coords_dkv(i));
-    if (first_key + key < p.seqlen_k) {
-      const int64_t offset = key * params.dkv_row_stride + get<1>(coords_dkv(i));
-      dk[offset] = Element(acc_dk(i) * p.softmax_scale);
-      dv[offset] = Element(acc_dv(i));
-    }
+  for (int i = 0; i < size(acc_dk); ++i) acc_dk(i) *= p.softmax_scale;
+  Tensor rdK = convert_fragment<Element>(acc_dk);
+  Tensor rdV = convert_fragment<Element>(acc_dv);
+  typename Traits::SmemCopyDkv smem_copy_dkv;
+  auto thr_copy_dkv = smem_copy_dkv.get_thread_slice(thread_idx);
+  const auto my_block = make_coord(key_offset / 64, dkv_col_offset / kDkvCols);
+  copy(smem_copy_dkv, thr_copy_dkv.retile_S(rdK),
+       thr_copy_dkv.partition_D(local_tile(sK, Shape<_64, Int<kDkvCols>>{}, my_block)));
+  copy(smem_copy_dkv, thr_copy_dkv.retile_S(rdV),
+       thr_copy_dkv.partition_D(local_tile(sV, Shape<_64, Int<kDkvCols>>{}, my_block)));
+  fence_smem_for_async_proxy();
+  named_sync(Sm90BwdBarrier::kDkvStaged, kConsumerThreads);
+  if (threadIdx.x == 128) {
+    auto store = [&](auto const& tma, auto const& tile) {
+      Tensor m = tma.get_tma_tensor(make_shape(p.seqlen_k, Int<kHeadDim>{}, p.num_heads, p.batch));
+      Tensor g = local_tile(m(_, _, head, batch), Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, 0));
+      auto [tg, ts] = tma_partition(tma, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(tile), group_modes<0, 2>(g));
+      copy(tma, ts, tg);
+    };
+    store(args.tma_dk, sK);
+    store(args.tma_dv, sV);
+    bulk_commit();
+    bulk_wait_done();  // shared memory must outlive the stores' reads of it
   }
-  // Shared memory must outlive the last reduction.
-  if (dq_leader) bulk_wait_done();
 #endif
 }
 

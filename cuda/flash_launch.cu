@@ -132,11 +132,14 @@ bool use_sm90_fwd(const FlashFwdParams& p) {
          tma_aligned(p.out, p.out_row_stride, p.out_head_stride, p.out_batch_stride) && sm90_can_run(p);
 }
 
-// The backward also reads dout by TMA, and leaves the deterministic mode to the SM80 family.
+// The backward also reads dout and writes dk and dv by TMA.
 bool use_sm90_bwd(const FlashBwdParams& params) {
   const FlashFwdParams& p = params.fwd;
-  return contains(HeadDimList<JAX_FLASH_SM90_BWD_HEAD_DIM_LIST>{}, p.head_dim) && !params.dq_semaphore &&
-         tma_aligned(params.dout, p.out_row_stride, p.out_head_stride, p.out_batch_stride) && sm90_can_run(p);
+  return contains(HeadDimList<JAX_FLASH_SM90_BWD_HEAD_DIM_LIST>{}, p.head_dim) &&
+         tma_aligned(params.dout, p.out_row_stride, p.out_head_stride, p.out_batch_stride) &&
+         tma_aligned(params.dk, params.dkv_row_stride, params.dkv_head_stride, params.dkv_batch_stride) &&
+         tma_aligned(params.dv, params.dkv_row_stride, params.dkv_head_stride, params.dkv_batch_stride) &&
+         sm90_can_run(p);
 }
 
 }  // namespace

@@ -212,16 +212,19 @@ def test_window(seed, window_size, causal, seqlen_q, seqlen_k, head_dim, dtype, 
     _check(seed, q, k, v, causal=causal, window_size=window_size, must_differ_from=differ)
 
 
-@pytest.mark.parametrize("window_size,causal,seqlen_q,seqlen_k,head_dim", [
-    ((200, -1), True, 1025, 1025, 128),  # backward tiles 64 × 128: each band starts past tile 0
-    ((150, -1), False, 257, 700, 64),    # tiles 128 × 128, a left bound alone, sq < sk
-    ((300, 0), False, 700, 900, 256),    # head dim 256, a right bound of 0 without causal
+@pytest.mark.parametrize("window_size,causal,seqlen_q,seqlen_k,head_dim,heads", [
+    ((200, -1), True, 1025, 1025, 128, 2),  # backward tiles 64 × 128: each band starts past tile 0
+    ((150, -1), False, 257, 700, 64, 2),    # tiles 128 × 128, a left bound alone, sq < sk
+    ((300, 0), False, 700, 900, 256, 2),    # head dim 256, a right bound of 0 without causal
+    # A left bound alone over more key tiles (256) than the GPU holds at once: a key tile that
+    # waited for one not yet dispatched would hang.
+    ((150, -1), False, 1000, 4096, 64, 8),
 ])
-def test_window_deterministic(seed, window_size, causal, seqlen_q, seqlen_k, head_dim):
+def test_window_deterministic(seed, window_size, causal, seqlen_q, seqlen_k, head_dim, heads):
     """deterministic=True adds dq in the order of each query tile's key tiles, counted from the
     band's first: two runs give the same bits (and finish) and meet the rule."""
     require_kernel(head_dim)
-    q, k, v = _inputs(seed, 1, seqlen_q, seqlen_k, 2, 2, head_dim, "bf16")
+    q, k, v = _inputs(seed, 1, seqlen_q, seqlen_k, heads, heads, head_dim, "bf16")
     _check(seed, q, k, v, causal=causal, window_size=window_size, deterministic=True)
 
 
