@@ -36,7 +36,10 @@ struct Sm90FwdArgs {
   typename Traits::TmaO tma_o;
 };
 
-template <typename Traits>
+// kHeadsFastest: the grid is (heads, query tiles, batch) rather than (query tiles, heads, batch),
+// so the hardware, starting CTAs in index order, starts every head's heaviest causal tile before any
+// head's lighter ones (the launch picks it; see flash_fwd_sm90_launch_template.h).
+template <typename Traits, bool kHeadsFastest>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ Sm90FwdArgs<Traits> args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -54,8 +57,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   const bool producer = threadIdx.x < 128;
   // Reverse order: under causal masking the last query tiles have the most keys; start them first.
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int head = blockIdx.y;
+  const int m_block = kHeadsFastest ? gridDim.y - 1 - blockIdx.y : gridDim.x - 1 - blockIdx.x;
+  const int head = kHeadsFastest ? blockIdx.x : blockIdx.y;
   const int batch = blockIdx.z;
   const AttentionMask<kBlockM, kBlockN> mask{params};
   const int n_block_begin = mask.n_block_begin(m_block);

@@ -39,11 +39,20 @@ cudaError_t run_flash_fwd_sm90_hdim(const FlashFwdParams& params, cudaStream_t s
                     matrix(params.out, params.seqlen_q, params.num_heads, params.out_row_stride,
                            params.out_head_stride, params.out_batch_stride),
                     typename Traits::SmemLayoutQ{})};
-  auto kernel = &flash_fwd_sm90_kernel<Traits>;
+  // Under a window the query tiles' work differs; with every head's heaviest tile started first the
+  // SMs finish closer together (2-7% at 4k tokens causal). But the CTAs running at once then read
+  // the K and V of all of a batch entry's heads: past 32 MiB of them it lost (3-4% at 16k), L2 no
+  // longer holding them. Measured on an H200; benchmarks/NOTES.md.
+  const unsigned tiles = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  const int64_t kv_bytes = int64_t(2) * params.num_heads_k * params.seqlen_k * kHeadDim * sizeof(Element);
+  const bool heads_fastest = (params.window_left >= 0 || params.window_right >= 0) &&
+                             kv_bytes <= (int64_t(32) << 20) && tiles <= 65535;  // grid y's limit
+  auto kernel = heads_fastest ? &flash_fwd_sm90_kernel<Traits, true> : &flash_fwd_sm90_kernel<Traits, false>;
   constexpr int kSmemBytes = Traits::kSmemBytes;
   const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (status != cudaSuccess) return status;
-  const dim3 grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, params.num_heads, params.batch);
+  const dim3 grid = heads_fastest ? dim3(params.num_heads, tiles, params.batch)
+                                  : dim3(tiles, params.num_heads, params.batch);
   kernel<<<grid, Traits::kNThreads, kSmemBytes, stream>>>(args);
   return cudaGetLastError();
 }

@@ -8,9 +8,9 @@
 // that order, put the last SM's end at 1.07-1.13x the SMs' mean busy time at 4k). So a section holds
 // at least kMinCtas CTAs, and more pairs while what each pair streams (Q, dO and dq_accum) stays
 // within kSectionBytes of L2. Grids of equal tiles keep one pair per section: nothing to balance,
-// and each pair's tiles share its operands in L2 at once. (The forward keeps its 3-D grid: built
-// this way it measured 4-5% slower at head dims 64 and 128 even in the same order; see
-// benchmarks/NOTES.md.)
+// and each pair's tiles share its operands in L2 at once. (The forward orders its CTAs by its 3-D
+// grid alone: read through this order it measured 4-9% slower at head dims 64 and 128 even where
+// the order was the same, its main loop scheduled differently by ptxas; see benchmarks/NOTES.md.)
 #pragma once
 
 #include <cstdint>
