@@ -4,8 +4,8 @@
 //
 // The pairs go in sections; within a section every pair's rank-0 tile (the heaviest under its mask)
 // first, then every pair's rank 1, and so on. With one pair per section the last pairs of a causal
-// grid start their heaviest tiles when little else is left (CTA traces of the forward, which keeps
-// that order, put the last SM's end at 1.07-1.13x the SMs' mean busy time at 4k). So a section holds
+// grid start their heaviest tiles when little else is left (CTA traces of the forward in that
+// order put the last SM's end at 1.07-1.13x the SMs' mean busy time at 4k). So a section holds
 // at least kMinCtas CTAs, and more pairs while what each pair streams (Q, dO and dq_accum) stays
 // within kSectionBytes of L2. Grids of equal tiles keep one pair per section: nothing to balance,
 // and each pair's tiles share its operands in L2 at once. (The forward orders its CTAs by its 3-D
